@@ -1,0 +1,10 @@
+"""dspt: Double-Softmax Prompt Tuning of CLIP models on images with noisy labels."""
+__version__ = "0.1.0"
+
+from .config import RunConfig  # noqa: E402
+from .losses import get_loss, loss_names  # noqa: E402
+from .noise import NoisyLabels, make_noisy_labels  # noqa: E402
+from .train import load_prompt, train, zeroshot  # noqa: E402
+
+__all__ = ["RunConfig", "NoisyLabels", "get_loss", "load_prompt", "loss_names", "make_noisy_labels", "train",
+           "zeroshot", "__version__"]

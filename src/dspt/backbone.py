@@ -1,0 +1,206 @@
+"""Frozen CLIP backbone through open_clip: model, tokenizer, transforms, precision.
+
+The backbone is identified by (model name, pretrained tag or checkpoint hash); that identity is part of
+every feature-cache key, so two different weights never share cached features.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from torchvision import transforms as T
+
+import open_clip
+
+log = logging.getLogger(__name__)
+
+CONFIG_DIR = Path(__file__).parent / "model_configs"
+open_clip.add_model_config(CONFIG_DIR)
+
+#: The package's own small configs: random weights build in a fraction of a second on the CPU.
+TINY_MODELS = tuple(sorted(p.stem for p in CONFIG_DIR.glob("*.json")))
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+class BackboneError(ValueError):
+    """Bad model name, pretrained tag or checkpoint: the message names the fix."""
+
+
+@dataclass
+class Backbone:
+    model: torch.nn.Module
+    tokenizer: Callable
+    model_name: str
+    weights_id: str  # "openai", "sha256:<hex>" of a checkpoint file, or "random:<seed>"
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    device: torch.device
+    precision: str = "fp32"
+
+    @property
+    def text(self) -> torch.nn.Module:
+        """The module that owns the text tower's parts (CLIP keeps them on itself, CustomTextCLIP in .text)."""
+        return getattr(self.model, "text", None) or self.model
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self.model.logit_scale.detach().exp().clamp(max=100.0)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """bf16/fp16 autocast on GPU; on the CPU everything stays fp32."""
+        if self.precision == "fp32" or self.device.type != "cuda":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+
+    def test_transform(self) -> Callable:
+        return T.Compose([
+            T.Resize(self.image_size, interpolation=T.InterpolationMode.BICUBIC),
+            T.CenterCrop(self.image_size),
+            T.ToTensor(),
+            T.Normalize(self.mean, self.std),
+        ])
+
+    def train_transform(self) -> Callable:
+        """CoOp's training augmentation: random-resized-crop (scale 0.08-1) + horizontal flip."""
+        return T.Compose([
+            T.RandomResizedCrop(self.image_size, scale=(0.08, 1.0), interpolation=T.InterpolationMode.BICUBIC),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            T.Normalize(self.mean, self.std),
+        ])
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """L2-normalised float32 image features."""
+        with self.autocast():
+            feats = self.model.encode_image(images.to(self.device, non_blocking=True))
+        return torch.nn.functional.normalize(feats.float(), dim=-1)
+
+    @torch.no_grad()
+    def encode_texts(self, texts: list[str]) -> torch.Tensor:
+        """L2-normalised float32 text features of plain prompts (zero-shot classifier)."""
+        tokens = self.tokenizer(texts).to(self.device)
+        with self.autocast():
+            feats = self.model.encode_text(tokens)
+        return torch.nn.functional.normalize(feats.float(), dim=-1)
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise BackboneError(f"device '{device}' requested but no CUDA GPU is visible; use --device cpu")
+    return torch.device(device)
+
+
+def _check_model_name(model_name: str) -> None:
+    if model_name.startswith(("hf-hub:", "local-dir:")):
+        return
+    if model_name not in open_clip.list_models():
+        near = [m for m in open_clip.list_models() if model_name.lower().replace("/", "-") in m.lower()][:8]
+        hint = f" (did you mean: {', '.join(near)})" if near else ""
+        raise BackboneError(
+            f"unknown model '{model_name}'{hint}; run `dspt models` for the list "
+            f"(open_clip names use dashes, e.g. ViT-B-32, RN50; offline: {', '.join(TINY_MODELS)})"
+        )
+
+
+def load_backbone(
+    model_name: str,
+    pretrained: str | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    device: str | None = "cpu",
+    precision: str = "fp32",
+    init_seed: int = 0,
+) -> Backbone:
+    """Build a frozen open_clip model.
+
+    `pretrained` is an open_clip tag (downloaded by open_clip on a machine with internet); `checkpoint`
+    a local state-dict file (.pt/.bin/.safetensors). With neither, weights are random from `init_seed`
+    (tests and timing only).
+    """
+    if precision not in PRECISIONS:
+        raise BackboneError(f"unknown precision '{precision}'; choose one of {', '.join(PRECISIONS)}")
+    if pretrained and checkpoint:
+        raise BackboneError("give either --pretrained TAG or --checkpoint FILE, not both")
+    _check_model_name(model_name)
+    dev = resolve_device(device)
+
+    if checkpoint is not None:
+        path = Path(checkpoint).expanduser()
+        if not path.is_file():
+            raise BackboneError(f"checkpoint file '{path}' not found; pass the path of a CLIP state-dict file")
+        weights_id = "sha256:" + file_sha256(path)
+        try:
+            model = open_clip.create_model(model_name, pretrained=str(path), device="cpu")
+        except Exception as exc:  # open_clip raises many kinds for a wrong file
+            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            raise BackboneError(
+                f"'{path}' is not a CLIP checkpoint for model '{model_name}' ({first}); "
+                "check the file and that --model matches the architecture it was trained with"
+            ) from exc
+    elif pretrained:
+        tags = open_clip.list_pretrained_tags_by_model(model_name)
+        if not model_name.startswith(("hf-hub:", "local-dir:")) and pretrained not in tags:
+            raise BackboneError(
+                f"unknown pretrained tag '{pretrained}' for model '{model_name}'; "
+                f"choose one of: {', '.join(tags) or '(none: use --checkpoint FILE)'}"
+            )
+        try:
+            model = open_clip.create_model(model_name, pretrained=pretrained, device="cpu")
+        except Exception as exc:
+            raise BackboneError(
+                f"could not load '{model_name}' weights '{pretrained}' ({type(exc).__name__}); "
+                "this needs internet access to the model hub once, or pass --checkpoint FILE"
+            ) from exc
+        weights_id = pretrained
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(init_seed)
+            logging.disable(logging.WARNING)  # open_clip warns that no weights were loaded: intended here
+            try:
+                model = open_clip.create_model(model_name, pretrained=None, device="cpu")
+            finally:
+                logging.disable(logging.NOTSET)
+        weights_id = f"random:{init_seed}"
+
+    model = model.to(dev).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    cfg = open_clip.get_model_preprocess_cfg(model)
+    size = cfg.get("size", 224)
+    size = size[0] if isinstance(size, (tuple, list)) else int(size)
+    return Backbone(
+        model=model,
+        tokenizer=open_clip.get_tokenizer(model_name),
+        model_name=model_name,
+        weights_id=weights_id,
+        image_size=size,
+        mean=tuple(cfg.get("mean", open_clip.OPENAI_DATASET_MEAN)),
+        std=tuple(cfg.get("std", open_clip.OPENAI_DATASET_STD)),
+        device=dev,
+        precision=precision,
+    )
+
+
+def iter_models() -> Iterator[tuple[str, list[str]]]:
+    """(model name, pretrained tags) for every model open_clip knows, the tiny ones included."""
+    for name in open_clip.list_models():
+        yield name, open_clip.list_pretrained_tags_by_model(name)

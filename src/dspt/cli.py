@@ -1,0 +1,219 @@
+"""The `dspt` command. Each subcommand is a thin layer over a Python function of the same stage."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from . import __version__
+from .config import RunConfig
+
+log = logging.getLogger("dspt")
+
+
+def _loss_opts(items: list[str]) -> dict[str, float]:
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--loss-opt '{item}' must look like NAME=VALUE, e.g. q=0.7")
+        try:
+            out[key] = float(value)
+        except ValueError:
+            raise ValueError(f"--loss-opt {key}: '{value}' is not a number") from None
+    return out
+
+
+def _shots(text: str) -> int:
+    return 0 if text in ("all", "full") else int(text)
+
+
+def add_run_options(p: argparse.ArgumentParser, defaults: RunConfig | None = None) -> None:
+    """Options shared by train / zeroshot / demo: they map 1:1 onto RunConfig fields."""
+    d = defaults or RunConfig()
+    g = p.add_argument_group("data")
+    g.add_argument("--data", help="image folder: class sub-folders, or train/ and test/ folders of them")
+    g.add_argument("--dataset", default=d.dataset, help="registered dataset name (default: folder)")
+    g.add_argument("--test-data", help="folder of test images (class sub-folders); default: test/ beside train/, "
+                                       "else a seeded --test-fraction of --data")
+    g.add_argument("--test-fraction", type=float, default=d.test_fraction)
+    g.add_argument("--classnames", help="JSON {folder: name} or TXT 'folder name' file")
+    g.add_argument("--shots", type=_shots, default=d.shots, help="images per class (int) or 'all' (default 16)")
+    g.add_argument("--skip-bad-images", action="store_true", help="skip unreadable images (count reported)")
+    g = p.add_argument_group("noise")
+    g.add_argument("--noise", default=d.noise, help="noise protocol (sym, pair, ...; default sym)")
+    g.add_argument("--noise-rate", type=float, default=d.noise_rate, help="fraction of labels corrupted, in [0, 1)")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default=d.model, help="open_clip model name, e.g. RN50, ViT-B-16, dspt-tiny")
+    g.add_argument("--pretrained", default=d.pretrained,
+                   help="open_clip pretrained tag (default openai); 'none' for random weights")
+    g.add_argument("--checkpoint", help="local CLIP state-dict file instead of a pretrained tag")
+    g.add_argument("--precision", default=d.precision, choices=["fp32", "bf16", "fp16"])
+    g.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:1")
+    g = p.add_argument_group("prompt")
+    g.add_argument("--n-ctx", type=int, default=d.n_ctx)
+    g.add_argument("--ctx-init", help="initialise the context from a phrase, e.g. 'a photo of a'")
+    g.add_argument("--csc", action="store_true", help="class-specific context")
+    g.add_argument("--class-token-position", default=d.class_token_position, choices=["end", "middle", "front"])
+    g.add_argument("--template", default=d.template, help="zero-shot prompt template")
+    g = p.add_argument_group("training")
+    g.add_argument("--loss", default=d.loss, help="loss name (dspt, ce, mae, gce, ...; `dspt losses` lists them)")
+    g.add_argument("--loss-opt", action="append", metavar="NAME=VALUE", help="loss hyperparameter, repeatable")
+    g.add_argument("--epochs", type=int, default=d.epochs, help="default: 200 (8-16 shots), 100 (2-4), 50 (1/all)")
+    g.add_argument("--batch-size", type=int, default=d.batch_size)
+    g.add_argument("--lr", type=float, default=d.lr)
+    g.add_argument("--momentum", type=float, default=d.momentum)
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    g.add_argument("--warmup-epochs", type=int, default=d.warmup_epochs)
+    g.add_argument("--warmup-lr", type=float, default=d.warmup_lr)
+    g.add_argument("--views", type=int, default=d.views, help="cached augmented views per training image")
+    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--path", default=d.path, choices=["fast", "reference"],
+                   help="fast: cached features; reference: CoOp's online computation (for comparison)")
+    g = p.add_argument_group("output")
+    g.add_argument("--output", "-o", help="run folder (default: dspt_runs/<name>)")
+    g.add_argument("--results", help="results CSV (default: results.csv beside the run folder)")
+    g.add_argument("--cache-dir", help="feature cache (default: $DSPT_CACHE or ~/.cache/dspt)")
+    g.add_argument("--workers", type=int, default=d.workers, help="image-decoding worker processes")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(RunConfig):
+        if hasattr(args, f.name):
+            values[f.name] = getattr(args, f.name)
+    values["loss_options"] = _loss_opts(getattr(args, "loss_opt", None))
+    values["progress"] = not getattr(args, "no_progress", False)
+    if values.get("pretrained") in ("none", "None", ""):
+        values["pretrained"] = None
+    if values.get("checkpoint"):
+        values["pretrained"] = None
+    return RunConfig(**values)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import train
+
+    cfg = config_from_args(args)
+    metrics = train(cfg)
+    out = cfg.resolved().output
+    print(f"run folder: {out}")
+    print(f"test accuracy {metrics['test_acc']:.2f} (zero-shot {metrics['zeroshot_acc']:.2f}, "
+          f"gain {metrics['gain_over_zeroshot']:+.2f}); realised noise {metrics['noise']['realised_rate']:.3f}; "
+          f"memorised wrong labels {metrics['train']['memorised']:.1f}%; loss {metrics['first_loss']:.4f} -> "
+          f"{metrics['final_loss']:.4f}")
+    return 0
+
+
+def cmd_zeroshot(args: argparse.Namespace) -> int:
+    from .train import zeroshot
+
+    res = zeroshot(config_from_args(args))
+    print(f"zero-shot accuracy {res['zeroshot_acc']:.2f} on {res['n_test']} test images ('{res['template']}')")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .predict import predict_files
+
+    n = predict_files(args.run, args.images, args.out, top_k=args.top_k, device=args.device)
+    print(f"wrote {n} predictions to {args.out}")
+    return 0
+
+
+def cmd_losses(args: argparse.Namespace) -> int:
+    from .losses import LOSSES
+
+    for name, cls in LOSSES.items():
+        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        print(f"{name:12s} {doc}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from .backbone import iter_models
+
+    for name, tags in iter_models():
+        print(f"{name:40s} {', '.join(tags)}")
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from .doctor import doctor
+
+    return doctor(args.cache_dir)
+
+
+COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
+    "train": (cmd_train, "prompt-tune a CLIP model on (noisy) labelled images"),
+    "zeroshot": (cmd_zeroshot, "zero-shot accuracy of a prompt template"),
+    "predict": (cmd_predict, "classify images with a trained run"),
+    "losses": (cmd_losses, "list the losses"),
+    "models": (cmd_models, "list open_clip models and pretrained tags"),
+    "doctor": (cmd_doctor, "check the install: versions, device, cache"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dspt", description="Double-Softmax Prompt Tuning for CLIP on noisy labels")
+    parser.add_argument("--version", action="version", version=f"dspt {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (fn, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(func=fn)
+        if name in ("train", "zeroshot"):
+            add_run_options(p)
+        elif name == "predict":
+            p.add_argument("run", help="a finished run folder (from dspt train)")
+            p.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
+            p.add_argument("--out", default="predictions.csv", help="CSV to write (default predictions.csv)")
+            p.add_argument("--top-k", type=int, default=3)
+            p.add_argument("--device", default="auto")
+        elif name == "doctor":
+            p.add_argument("--cache-dir")
+    from .demo import add_demo_parser
+
+    add_demo_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(handler)  # our messages at INFO; other libraries' (open_clip logs on the root) at WARNING
+    log.setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    log.propagate = False
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("dspt: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    except OSError as exc:
+        if exc.errno == 28:  # ENOSPC
+            print(f"dspt: error: disk full while writing {exc.filename or ''}; free space and run the same "
+                  "command again to resume (nothing half-written was kept)", file=sys.stderr)
+            return 2
+        print(f"dspt: error: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # ConfigError, DataError, BackboneError: one line that names the fix
+        print(f"dspt: error: {exc}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:
+        if type(exc).__name__ != "TrainingError":
+            raise
+        print(f"dspt: error: {exc}", file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""One run's configuration: a flat dataclass, resolved once and saved with the run (no config layers)."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .backbone import PRECISIONS
+from .losses import get_loss
+from .noise import NOISE_TYPES
+from .prompt import POSITIONS
+
+#: Fields that change where or how fast a run executes, not what it computes.
+EXECUTION_FIELDS = ("output", "cache_dir", "workers", "results", "progress", "device")
+
+
+class ConfigError(ValueError):
+    """A bad option: the message names it and the accepted values."""
+
+
+def protocol_epochs(shots: int) -> int:
+    """CoOp's schedule: 200 epochs for 8-16 shots, 100 for 2-4, 50 for 1 shot or the full split."""
+    if shots <= 0 or shots == 1:
+        return 50
+    return 100 if shots <= 4 else 200
+
+
+@dataclass
+class RunConfig:
+    # data
+    data: str | None = None
+    dataset: str = "folder"
+    test_data: str | None = None
+    test_fraction: float = 0.2
+    classnames: str | None = None
+    shots: int = 16  # per class; 0 = the full training split
+    skip_bad_images: bool = False
+    # noise
+    noise: str = "sym"
+    noise_rate: float = 0.0
+    # backbone
+    model: str = "RN50"
+    pretrained: str | None = "openai"
+    checkpoint: str | None = None
+    precision: str = "fp32"
+    # prompt
+    n_ctx: int = 16
+    ctx_init: str | None = None
+    csc: bool = False
+    class_token_position: str = "end"
+    template: str = "a photo of a {}."
+    # optimisation (CoOp protocol defaults)
+    loss: str = "dspt"
+    loss_options: dict[str, float] = field(default_factory=dict)
+    epochs: int | None = None  # None: protocol_epochs(shots)
+    batch_size: int = 32
+    lr: float = 0.002
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_epochs: int = 1
+    warmup_lr: float = 1e-5
+    views: int = 10
+    seed: int = 1
+    path: str = "fast"  # "fast": cached features + truncated prompts; "reference": CoOp's online computation
+    # execution
+    output: str | None = None
+    results: str | None = None
+    cache_dir: str | None = None
+    device: str = "auto"
+    workers: int = 0
+    progress: bool = True
+
+    def resolved(self) -> "RunConfig":
+        """Defaults filled in and every option checked; raises ConfigError with the fix."""
+        cfg = dataclasses.replace(self, loss_options=dict(self.loss_options))
+        if cfg.epochs is None:
+            cfg.epochs = protocol_epochs(cfg.shots)
+        cfg.validate()
+        if cfg.output is None:
+            rate = f"{cfg.noise_rate:g}"
+            weights = Path(cfg.checkpoint).stem if cfg.checkpoint else (cfg.pretrained or "random")
+            cfg.output = str(Path("dspt_runs") / f"{Path(cfg.data or cfg.dataset).name}-{cfg.model}-{weights}-"
+                             f"{cfg.noise}{rate}-{cfg.loss}-k{cfg.shots}-s{cfg.seed}")
+        if cfg.results is None:
+            cfg.results = str(Path(cfg.output).parent / "results.csv")
+        return cfg
+
+    def validate(self) -> None:
+        if self.data is None and self.dataset == "folder":
+            raise ConfigError("no data given; pass --data FOLDER (one sub-folder of images per class)")
+        rate = self.noise_rate
+        if not isinstance(rate, (int, float)) or not math.isfinite(rate) or not 0.0 <= rate < 1.0:
+            raise ConfigError(f"noise rate {rate} is outside [0, 1); pass a fraction such as 0.4")
+        if self.noise not in NOISE_TYPES:
+            raise ConfigError(f"unknown noise type '{self.noise}'; choose one of: {', '.join(sorted(NOISE_TYPES))}")
+        try:
+            get_loss(self.loss, **self.loss_options)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(str(exc)) from None
+        if self.class_token_position not in POSITIONS:
+            raise ConfigError(f"class token position '{self.class_token_position}' unknown; "
+                              f"choose one of: {', '.join(POSITIONS)}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision '{self.precision}' unknown; choose one of: {', '.join(PRECISIONS)}")
+        if self.path not in ("fast", "reference"):
+            raise ConfigError(f"path '{self.path}' unknown; choose 'fast' or 'reference'")
+        if "{}" not in self.template:
+            raise ConfigError(f"template '{self.template}' has no '{{}}' for the class name")
+        checks = [("shots", self.shots >= 0, ">= 0"), ("epochs", self.epochs >= 1, ">= 1"),
+                  ("batch_size", self.batch_size >= 1, ">= 1"), ("lr", self.lr > 0, "> 0"),
+                  ("views", self.views >= 0, ">= 0"), ("n_ctx", self.n_ctx >= 1, ">= 1"),
+                  ("warmup_epochs", self.warmup_epochs >= 0, ">= 0"), ("weight_decay", self.weight_decay >= 0, ">= 0"),
+                  ("test_fraction", 0 < self.test_fraction < 1, "inside (0, 1)"), ("seed", self.seed >= 0, ">= 0")]
+        for name, ok, rule in checks:
+            if not ok:
+                raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)} is invalid; it must be {rule}")
+        if self.pretrained and self.checkpoint:
+            raise ConfigError("give either --pretrained TAG or --checkpoint FILE, not both")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that decide the run's numbers (a resumed run must match these)."""
+        return {k: v for k, v in asdict(self).items() if k not in EXECUTION_FIELDS}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown config key(s) {unknown}; valid keys: {', '.join(sorted(known))}")
+        return cls(**data)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "RunConfig":
+        with open(path, encoding="utf-8") as fh:
+            return cls.from_dict(yaml.safe_load(fh) or {})
+
+    def dump(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
