@@ -37,17 +37,30 @@ def add_run_options(p: argparse.ArgumentParser, defaults: RunConfig | None = Non
     """Options shared by train / zeroshot / demo: they map 1:1 onto RunConfig fields."""
     d = defaults or RunConfig()
     g = p.add_argument_group("data")
-    g.add_argument("--data", help="image folder: class sub-folders, or train/ and test/ folders of them")
-    g.add_argument("--dataset", default=d.dataset, help="registered dataset name (default: folder)")
+    g.add_argument("--data", help="image folder (class sub-folders, or train/ and test/ folders of them), a CSV/TSV "
+                                  "file (path,label[,split]), or a benchmark's own folder")
+    g.add_argument("--dataset", default=d.dataset,
+                   help="folder (default), csv, a CoOp benchmark (oxford_flowers, dtd, ...), cifar10/100, food101n; "
+                        "`dspt datasets` lists them")
+    g.add_argument("--root", help="folder holding the benchmark datasets in CoOp's layout (default: $DSPT_DATA)")
+    g.add_argument("--download", action="store_true",
+                   help="download a missing benchmark with torchvision into --root (needs internet)")
     g.add_argument("--test-data", help="folder of test images (class sub-folders); default: test/ beside train/, "
                                        "else a seeded --test-fraction of --data")
     g.add_argument("--test-fraction", type=float, default=d.test_fraction)
-    g.add_argument("--classnames", help="JSON {folder: name} or TXT 'folder name' file")
+    g.add_argument("--classnames", help="folders: JSON {folder: name} or TXT 'folder name'; CSV: TXT one name per "
+                                        "line or a JSON list")
     g.add_argument("--shots", type=_shots, default=d.shots, help="images per class (int) or 'all' (default 16)")
     g.add_argument("--skip-bad-images", action="store_true", help="skip unreadable images (count reported)")
     g = p.add_argument_group("noise")
-    g.add_argument("--noise", default=d.noise, help="noise protocol (sym, pair, ...; default sym)")
+    g.add_argument("--noise", default=d.noise,
+                   help="noise protocol: sym, pair, symflip, pairflip (false positives), given (shipped labels); "
+                        "default sym")
     g.add_argument("--noise-rate", type=float, default=d.noise_rate, help="fraction of labels corrupted, in [0, 1)")
+    g.add_argument("--fp", type=int, default=d.fp,
+                   help="symflip/pairflip: false positives among the K shots of each class (rate FP/K)")
+    g.add_argument("--noise-file", help="--noise given: CIFAR-N .pt label file, or a 'path label' list")
+    g.add_argument("--label-set", help="CIFAR-N label set: worse, aggre, random1..3 (CIFAR-10N), noisy (CIFAR-100N)")
     g = p.add_argument_group("model")
     g.add_argument("--model", default=d.model, help="open_clip model name, e.g. RN50, ViT-B-16, dspt-tiny")
     g.add_argument("--pretrained", default=d.pretrained,
@@ -60,7 +73,8 @@ def add_run_options(p: argparse.ArgumentParser, defaults: RunConfig | None = Non
     g.add_argument("--ctx-init", help="initialise the context from a phrase, e.g. 'a photo of a'")
     g.add_argument("--csc", action="store_true", help="class-specific context")
     g.add_argument("--class-token-position", default=d.class_token_position, choices=["end", "middle", "front"])
-    g.add_argument("--template", default=d.template, help="zero-shot prompt template")
+    g.add_argument("--template", default=d.template,
+                   help="zero-shot prompt template (default: the dataset's, CoOp's for the benchmarks)")
     g = p.add_argument_group("training")
     g.add_argument("--loss", default=d.loss, help="loss name (dspt, ce, mae, gce, ...; `dspt losses` lists them)")
     g.add_argument("--loss-opt", action="append", metavar="NAME=VALUE", help="loss hyperparameter, repeatable")
@@ -144,6 +158,38 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .sweep import list_cells, run_sweep
+
+    if args.list:
+        for cell in list_cells(args.grid, args.output, args.results):
+            print(f"{cell.status():8s} {cell.run_dir}")
+        return 0
+    # this process only validates and schedules (never computes), so its workers may be plain forks of it
+    res = run_sweep(args.grid, output=args.output, jobs=args.jobs, backend=args.backend, results=args.results,
+                    start_method="fork" if sys.platform.startswith("linux") else None)
+    for name, msg in res.failed.items():
+        print(f"dspt: error: run {name} failed: {msg}", file=sys.stderr)
+    return 0 if res.ok else 1
+
+
+def cmd_datasets(args: argparse.Namespace) -> int:
+    from .data import dataset_status, default_data_root
+    from .data.download import download_dataset
+    from .data.registry import format_status_table
+
+    root = args.root or default_data_root()
+    for name in args.download or []:
+        download_dataset(name, root)
+        print(f"downloaded {name} into {root}")
+    statuses = dataset_status(root, args.cache_dir, args.names or None)
+    if args.json:
+        print(json.dumps([s.to_dict() for s in statuses], indent=1))
+    else:
+        print(format_status_table(statuses, root))
+    return 0
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     from .doctor import doctor
 
@@ -156,6 +202,8 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "predict": (cmd_predict, "classify images with a trained run"),
     "losses": (cmd_losses, "list the losses"),
     "models": (cmd_models, "list open_clip models and pretrained tags"),
+    "sweep": (cmd_sweep, "run a grid of configurations (skips finished runs, resumes partial ones)"),
+    "datasets": (cmd_datasets, "list the datasets: found under --root?, class/train/val/test counts, what is missing"),
     "doctor": (cmd_doctor, "check the install: versions, device, cache"),
 }
 
@@ -178,21 +226,51 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--device", default="auto")
         elif name == "doctor":
             p.add_argument("--cache-dir")
+        elif name == "datasets":
+            p.add_argument("names", nargs="*", help="datasets to show (default: all)")
+            p.add_argument("--root", help="folder holding the datasets (default: $DSPT_DATA)")
+            p.add_argument("--download", action="append", metavar="NAME",
+                           help="download NAME with torchvision into --root first (repeatable; needs internet)")
+            p.add_argument("--cache-dir", help="where generated split files go (default: $DSPT_CACHE or ~/.cache/dspt)")
+            p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+        elif name == "sweep":
+            p.add_argument("grid", help="YAML file of run options; list values are crossed (see dspt.sweep)")
+            p.add_argument("--output", "-o", help="sweep folder (default: the grid's 'output:')")
+            p.add_argument("--results", help="results CSV (default: results.csv in the sweep folder)")
+            p.add_argument("--jobs", "-j", type=int, default=1, help="runs at a time on this machine (default 1; "
+                           "ignored with --backend ray, where the cluster's CPUs decide)")
+            p.add_argument("--backend", default="local", choices=["local", "ray"],
+                           help="local worker processes, or a Ray cluster (optional dependency)")
+            p.add_argument("--list", action="store_true", help="list the runs and their state; run nothing")
+            p.formatter_class = argparse.RawDescriptionHelpFormatter
+            p.epilog = ("example grid (12 runs into sweeps/demo/<loss=..,noise_rate=..,seed=..>/):\n"
+                        "  data: images/\n  model: RN50\n  shots: 16\n  output: sweeps/demo\n"
+                        "  loss: [ce, dspt]\n  noise_rate: [0, 0.4]\n  seed: [1, 2, 3]\n"
+                        "Run it again after a crash or a kill: finished runs are skipped, partial ones resume.")
     from .demo import add_demo_parser
 
     add_demo_parser(sub)
     return parser
 
 
+def _setup_logging(verbose: bool) -> None:
+    """Our messages at INFO on stderr; other libraries' (open_clip logs on the root logger) at WARNING."""
+    for h in list(log.handlers):
+        if getattr(h, "_dspt", False):
+            log.removeHandler(h)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler._dspt = True  # type: ignore[attr-defined]
+    log.addHandler(handler)
+    log.setLevel(logging.DEBUG if verbose else logging.INFO)
+    log.propagate = False
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    log.addHandler(handler)  # our messages at INFO; other libraries' (open_clip logs on the root) at WARNING
-    log.setLevel(logging.DEBUG if args.verbose else logging.INFO)
-    log.propagate = False
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    _setup_logging(args.verbose)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

@@ -15,7 +15,7 @@ from .noise import NOISE_TYPES
 from .prompt import POSITIONS
 
 #: Fields that change where or how fast a run executes, not what it computes.
-EXECUTION_FIELDS = ("output", "cache_dir", "workers", "results", "progress", "device")
+EXECUTION_FIELDS = ("output", "cache_dir", "workers", "results", "progress", "device", "download")
 
 
 class ConfigError(ValueError):
@@ -34,14 +34,19 @@ class RunConfig:
     # data
     data: str | None = None
     dataset: str = "folder"
+    root: str | None = None  # folder holding the benchmark datasets (default $DSPT_DATA); --data wins
     test_data: str | None = None
     test_fraction: float = 0.2
     classnames: str | None = None
     shots: int = 16  # per class; 0 = the full training split
     skip_bad_images: bool = False
+    download: bool = False  # fetch a missing benchmark with torchvision (needs internet)
     # noise
     noise: str = "sym"
     noise_rate: float = 0.0
+    fp: int | None = None  # symflip/pairflip: false positives among the K shots of each class (rate = fp/shots)
+    noise_file: str | None = None  # --noise given: CIFAR-N .pt file or a 'path label' list
+    label_set: str | None = None  # --noise given with a CIFAR-N file: worse, aggre, random1..3, noisy
     # backbone
     model: str = "RN50"
     pretrained: str | None = "openai"
@@ -52,7 +57,7 @@ class RunConfig:
     ctx_init: str | None = None
     csc: bool = False
     class_token_position: str = "end"
-    template: str = "a photo of a {}."
+    template: str | None = None  # None: the dataset's template (CoOp's per dataset; "a photo of a {}." for folders)
     # optimisation (CoOp protocol defaults)
     loss: str = "dspt"
     loss_options: dict[str, float] = field(default_factory=dict)
@@ -79,6 +84,7 @@ class RunConfig:
         cfg = dataclasses.replace(self, loss_options=dict(self.loss_options))
         if cfg.epochs is None:
             cfg.epochs = protocol_epochs(cfg.shots)
+        cfg._resolve_data()
         cfg.validate()
         if cfg.output is None:
             rate = f"{cfg.noise_rate:g}"
@@ -89,9 +95,45 @@ class RunConfig:
             cfg.results = str(Path(cfg.output).parent / "results.csv")
         return cfg
 
+    def _resolve_data(self) -> None:
+        """Dataset name and template, data root, and the FP count / rate of symflip / pairflip."""
+        from .data import DataError, dataset_template, default_data_root, resolve_dataset_name
+
+        try:
+            self.dataset = resolve_dataset_name(self.dataset)
+        except DataError as exc:
+            raise ConfigError(str(exc)) from None
+        if self.template is None:
+            self.template = dataset_template(self.dataset)
+        if self.data is None and self.root is None and self.dataset not in ("folder", "csv"):
+            self.root = default_data_root()
+        if self.noise in ("symflip", "pairflip"):
+            if self.shots < 1:
+                raise ConfigError(f"{self.noise} picks false positives into K shots per class; pass --shots K (>= 1)")
+            if self.fp is None:
+                if not self.noise_rate:
+                    raise ConfigError(f"{self.noise} needs --fp N (false positives per class, e.g. {self.shots // 2} "
+                                      f"of {self.shots}) or --noise-rate FP/K")
+                self.fp = int(math.floor(self.noise_rate * self.shots + 0.5))
+            elif self.noise_rate and abs(self.noise_rate - self.fp / self.shots) > 1e-9:
+                raise ConfigError(f"--fp {self.fp} of --shots {self.shots} is rate {self.fp / self.shots:g}, not "
+                                  f"--noise-rate {self.noise_rate:g}; give one of them")
+            if not 0 <= self.fp < self.shots:
+                raise ConfigError(f"--fp {self.fp} must be in [0, {self.shots - 1}] for {self.shots} shots")
+            self.noise_rate = self.fp / self.shots
+        elif self.fp is not None:
+            raise ConfigError(f"--fp is for --noise symflip / pairflip, not '{self.noise}'")
+
     def validate(self) -> None:
-        if self.data is None and self.dataset == "folder":
+        if self.data is None and self.dataset in ("folder", "csv"):
             raise ConfigError("no data given; pass --data FOLDER (one sub-folder of images per class)")
+        if self.data is None and self.root is None and self.dataset not in ("folder", "csv"):
+            raise ConfigError(f"no data root for {self.dataset}; pass --root DIR (the folder holding the benchmark "
+                              "datasets, laid out as CoOp's DATASETS.md says) or set DSPT_DATA")
+        if self.noise != "given" and (self.noise_file or self.label_set):
+            raise ConfigError("--noise-file / --label-set hold real noisy labels; use them with --noise given")
+        if self.noise == "given" and self.noise_rate:
+            raise ConfigError("--noise given uses the labels shipped with the data; drop --noise-rate")
         rate = self.noise_rate
         if not isinstance(rate, (int, float)) or not math.isfinite(rate) or not 0.0 <= rate < 1.0:
             raise ConfigError(f"noise rate {rate} is outside [0, 1); pass a fraction such as 0.4")
@@ -108,7 +150,7 @@ class RunConfig:
             raise ConfigError(f"precision '{self.precision}' unknown; choose one of: {', '.join(PRECISIONS)}")
         if self.path not in ("fast", "reference"):
             raise ConfigError(f"path '{self.path}' unknown; choose 'fast' or 'reference'")
-        if "{}" not in self.template:
+        if self.template is not None and "{}" not in self.template:
             raise ConfigError(f"template '{self.template}' has no '{{}}' for the class name")
         checks = [("shots", self.shots >= 0, ">= 0"), ("epochs", self.epochs >= 1, ">= 1"),
                   ("batch_size", self.batch_size >= 1, ">= 1"), ("lr", self.lr > 0, "> 0"),

@@ -8,6 +8,7 @@ import torch
 from . import __version__
 from .backbone import TINY_MODELS, load_backbone, resolve_device
 from .features import cache_usage, default_cache_dir
+from .io import stray_temp_files
 
 
 def doctor(cache_dir: str | None = None) -> int:
@@ -24,6 +25,10 @@ def doctor(cache_dir: str | None = None) -> int:
     root = cache_dir or default_cache_dir()
     files, size = cache_usage(root)
     print(f"cache      {root} ({files} files, {size / 2**20:.1f} MiB)")
+    stray = stray_temp_files(root)
+    if stray:
+        print(f"           {len(stray)} temp file(s) left by interrupted writes (never read; safe to delete "
+              f"while no dspt runs), e.g. {stray[0]}")
     try:
         t0 = time.perf_counter()
         bb = load_backbone(TINY_MODELS[0], device="cpu")

@@ -134,7 +134,7 @@ def _try_load(path: Path, key: dict, expected_shape: tuple[int, int]) -> torch.T
     except (SafetensorError, OSError, ValueError, KeyError, json.JSONDecodeError) as exc:
         log.warning("feature cache %s is unreadable (%s); rebuilding", path, type(exc).__name__)
         return None
-    if tuple(feats.shape[:2]) != expected_shape or not torch.isfinite(feats).all():
+    if feats.ndim != 3 or tuple(feats.shape[:2]) != expected_shape or not torch.isfinite(feats).all():
         log.warning("feature cache %s has shape %s, expected %s x N; rebuilding", path, tuple(feats.shape),
                     expected_shape)
         return None

@@ -65,6 +65,44 @@ def file_lock(path: str | os.PathLike) -> Iterator[None]:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
+class LockBusy(BlockingIOError):
+    """Another process holds the lock; `holder` is the pid it wrote into the lock file (or '?')."""
+
+    def __init__(self, path: Path, holder: str):
+        super().__init__(f"'{path}' is held by process {holder}")
+        self.path, self.holder = path, holder
+
+
+@contextlib.contextmanager
+def process_lock(path: str | os.PathLike, wait: bool = False) -> Iterator[None]:
+    """Exclusive lock that dies with its process (flock): one process per run folder.
+
+    With `wait=False` a busy lock raises `LockBusy` at once. The lock file keeps the holder's pid.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+", encoding="utf-8") as fh:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            fh.seek(0)
+            raise LockBusy(path, fh.read().strip() or "?") from None
+        try:
+            fh.seek(0)
+            fh.truncate()
+            fh.write(str(os.getpid()))
+            fh.flush()
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def stray_temp_files(folder: str | os.PathLike) -> list[Path]:
+    """Temp files left by writes that a kill interrupted (never read; safe to delete when nothing runs)."""
+    root = Path(folder)
+    return sorted(p for p in root.rglob(".*.tmp") if p.is_file()) if root.is_dir() else []
+
+
 def append_jsonl(path: str | os.PathLike, record: dict) -> None:
     """One line per event; a line cut by a kill is skipped by `read_jsonl`."""
     with open(path, "a", encoding="utf-8") as fh:

@@ -299,6 +299,41 @@ def _pair(true: np.ndarray, num_classes: int, rate: float, rng: np.random.Genera
     return given
 
 
+def _supplied(name: str, true: np.ndarray, num_classes: int, given: Any, how: str) -> np.ndarray:
+    if given is None:
+        raise ValueError(f"noise type '{name}' does not draw labels itself: {how}")
+    arr = _as_labels(given, num_classes, "given")
+    if arr.shape != true.shape:
+        raise ValueError(f"noise type '{name}': {arr.shape[0]} given labels for {true.shape[0]} samples")
+    return arr
+
+
+@register_noise("given")
+def _given(true: np.ndarray, num_classes: int, rate: float, rng: np.random.Generator,
+           given: Any = None) -> np.ndarray:
+    """Real noise: the labels a dataset ships with (CIFAR-10N/100N, Food-101N, a noisy-label list); the rate
+    is what it is (``rate`` is unused). Pass them as ``given=``; ``dspt train --noise given`` reads them from
+    the dataset or ``--noise-file`` (dspt.data.given_labels)."""
+    return _supplied("given", true, num_classes, given,
+                     "pass the shipped labels as given=... (dspt.data.given_labels reads them)")
+
+
+def _flip_protocol(name: str, source: str) -> NoiseFn:
+    def fn(true: np.ndarray, num_classes: int, rate: float, rng: np.random.Generator,
+           given: Any = None) -> np.ndarray:
+        return _supplied(name, true, num_classes, given,
+                         "it chooses the K-shot subset (dspt.data.false_positive_shots); pass its labels as given=...")
+
+    fn.__doc__ = (f"False-positive noise of PTNL/JoAPR: of the K shots of class c, FP are images of {source} "
+                  "labelled c (rate = FP/K). It picks the training subset, so the images and labels come from "
+                  "dspt.data.false_positive_shots and are passed as given=...")
+    return fn
+
+
+register_noise("symflip")(_flip_protocol("symflip", "other classes drawn uniformly"))
+register_noise("pairflip")(_flip_protocol("pairflip", "class c+1"))
+
+
 def make_noisy_labels(true_labels: Any, num_classes: int, noise_type: str, rate: float,
                       seed: int, **options: Any) -> NoisyLabels:
     """Corrupt ``true_labels`` with protocol ``noise_type`` at ``rate``, seeded by ``seed``.

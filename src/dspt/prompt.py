@@ -3,14 +3,20 @@
 As in CoOp, the token prefix (SOS) and suffix (class name, '.', EOS, padding) are frozen buffers; only
 `ctx` is a parameter. The class token position is a fixed gather over [prefix | ctx | suffix], so
 'end', 'middle' and 'front' all build the prompts in one vectorised op.
+
+The text side of the fast path (DESIGN.md section 4) lives here: prompts cut after the last EOS, the
+prefix shared by all classes run once, class chunks, autocast. Each gives the same features as CoOp's
+full-length computation (tests/test_prompt_speed.py pins this to 1e-5, outputs and gradients).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .backbone import Backbone
 
@@ -33,11 +39,73 @@ def eos_positions(tokens: torch.Tensor, model: nn.Module) -> torch.Tensor:
     raise ValueError(f"text pooling '{pool}' is not supported by prompt tuning; use a CLIP model with EOS pooling")
 
 
+def _is_causal(mask: torch.Tensor | None) -> bool:
+    """True for the standard causal mask (additive -inf above the diagonal, or boolean True = blocked)."""
+    if mask is None or mask.ndim != 2 or mask.shape[0] != mask.shape[1]:
+        return False
+    upper = torch.ones(mask.shape, dtype=torch.bool, device=mask.device).triu(1)
+    if mask.dtype == torch.bool:
+        return bool(mask[upper].all() and not mask[~upper].any())
+    return bool(torch.isneginf(mask[upper]).all() and (mask[~upper] == 0).all())
+
+
+def _splittable(block: nn.Module) -> bool:
+    """Blocks whose attention this module can run itself: open_clip's plain pre-LN ResidualAttentionBlock."""
+    from open_clip.transformer import ResidualAttentionBlock
+
+    attn = getattr(block, "attn", None)
+    return (type(block) is ResidualAttentionBlock and not hasattr(block, "ln_1_kv")
+            and isinstance(attn, nn.MultiheadAttention) and attn._qkv_same_embed_dim
+            and attn.in_proj_weight is not None and attn.bias_k is None and attn.bias_v is None
+            and not attn.add_zero_attn and attn.dropout == 0.0)
+
+
+def _qkv(block: nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """nn.MultiheadAttention's input projection: [B, T, D] -> q, k, v each [B, heads, T, D / heads]."""
+    attn = block.attn
+    b, t, d = h.shape
+    qkv = F.linear(h, attn.in_proj_weight, attn.in_proj_bias).view(b, t, 3, attn.num_heads, d // attn.num_heads)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    return q, k, v
+
+
+def _out(block: nn.Module, a: torch.Tensor) -> torch.Tensor:
+    """Heads [B, heads, T, d] -> nn.MultiheadAttention's output projection [B, T, D]."""
+    b, h, t, d = a.shape
+    proj = block.attn.out_proj
+    return F.linear(a.transpose(1, 2).reshape(b, t, h * d), proj.weight, proj.bias)
+
+
+def _over_chunks(fn, chunk: int | None, per_class: tuple, shared: tuple = ()) -> torch.Tensor:
+    """fn(*per_class, *shared) over slices of at most `chunk` classes.
+
+    With gradients on, each slice runs under activation checkpointing: only its output is kept and its
+    forward is recomputed in backward, so peak memory is one slice's activations (one extra forward).
+    """
+    n = per_class[0].shape[0]
+    if not chunk or chunk >= n:
+        return fn(*per_class, *shared)
+    tensors = [t for t in (*per_class, *shared) if isinstance(t, torch.Tensor)]
+    keep_graph = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    outs = []
+    for s in range(0, n, chunk):
+        args = tuple(t[s:s + chunk] for t in per_class)
+        outs.append(checkpoint(fn, *args, *shared, use_reentrant=False) if keep_graph else fn(*args, *shared))
+    return torch.cat(outs)
+
+
 class TextEncoder(nn.Module):
     """Frozen text tower over prompt embeddings; pools at EOS.
 
-    The tower is causal, so every position up to the last EOS is unaffected by what follows: cutting the
-    sequence there (`truncate=True`) gives the same features with far less work.
+    Three exact savings over running all C prompts at the full context length:
+    - truncation: the tower is causal, so every position up to the last EOS is unaffected by what
+      follows; cutting the sequence there (`truncate=True`) gives the same features with far less work;
+    - shared prefix: when the first P positions are the same for every prompt (SOS + a shared context
+      with the class token at the end), they are computed once (batch 1) and each class runs only its
+      tail, whose queries attend to the prefix's keys/values at every layer; this needs open_clip's
+      plain ResidualAttentionBlock (other block types fall back to the plain path);
+    - class chunks (`chunk_size`): bounded memory for ImageNet-sized C (activation checkpointing).
+    Truncation and prefix sharing are used only when the tower's mask is the causal one.
     """
 
     def __init__(self, backbone: Backbone):
@@ -48,15 +116,75 @@ class TextEncoder(nn.Module):
         self.ln_final = text.ln_final
         self.text_projection = text.text_projection
         self.register_buffer("attn_mask", text.attn_mask, persistent=False)
+        self.causal = _is_causal(text.attn_mask)
+        blocks = getattr(self.transformer, "resblocks", None)
+        self.can_share_prefix = self.causal and bool(blocks) and all(_splittable(b) for b in blocks)
 
-    def forward(self, prompts: torch.Tensor, eos: torch.Tensor, truncate: bool = True) -> torch.Tensor:
-        """prompts [C, L, D] token embeddings, eos [C] EOS positions -> unnormalised features [C, E]."""
-        length = int(eos.max()) + 1 if truncate else prompts.shape[1]
-        x = prompts[:, :length] + self.positional_embedding[:length].to(prompts.dtype)
+    def usable_prefix(self, shared_prefix: int, min_eos: int) -> int:
+        """The shared-prefix length actually used (0: plain path). The EOS must lie in the tail."""
+        return shared_prefix if self.can_share_prefix and 1 < shared_prefix <= min_eos else 0
+
+    def forward(self, prompts: torch.Tensor, eos: torch.Tensor, truncate: bool = True, shared_prefix: int = 0,
+                chunk_size: int | None = None) -> torch.Tensor:
+        """prompts [C, L, D] token embeddings, eos [C] EOS positions -> unnormalised features [C, E].
+
+        `shared_prefix`: the caller's promise that prompts[:, :shared_prefix] is the same for every row.
+        """
+        length = int(eos.max()) + 1 if truncate and self.causal else prompts.shape[1]
+        share = self.usable_prefix(shared_prefix, int(eos.min()))
+        if share:
+            return self.forward_shared(prompts[:1, :share], prompts[:, share:length], eos, chunk_size)
+        return self.forward_plain(prompts[:, :length], eos, chunk_size)
+
+    def forward_plain(self, prompts: torch.Tensor, eos: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
+        """Every prompt through open_clip's own transformer at the given length."""
+        return _over_chunks(self._plain, chunk_size, (prompts, eos))
+
+    def forward_shared(self, shared: torch.Tensor, tail: torch.Tensor, eos: torch.Tensor,
+                       chunk_size: int | None = None) -> torch.Tensor:
+        """shared [1, P, D] (positions 0..P-1 of every prompt), tail [C, T, D] (positions P..P+T-1), eos [C]
+        (absolute, >= P) -> the features of the C prompts [shared | tail], exactly as the plain path."""
+        if not self.can_share_prefix:
+            raise ValueError("this text tower's blocks do not support prefix sharing; use forward_plain")
+        p, t = shared.shape[1], tail.shape[1]
+        pos = self.positional_embedding
+        kv = self._prefix_kv(shared + pos[:p].to(shared.dtype))
+        # query i of the tail (absolute position p + i) sees every prefix key and tail keys 0..i
+        allowed = torch.ones(t, p + t, dtype=torch.bool, device=tail.device).tril(p)
+        return _over_chunks(self._tail, chunk_size, (tail + pos[p:p + t].to(tail.dtype), eos - p), (allowed, *kv))
+
+    def _plain(self, x: torch.Tensor, eos: torch.Tensor) -> torch.Tensor:
+        length = x.shape[1]
+        x = x + self.positional_embedding[:length].to(x.dtype)
         mask = self.attn_mask[:length, :length] if self.attn_mask is not None else None
-        x = self.transformer(x, attn_mask=mask)
-        x = self.ln_final(x)
-        x = x[torch.arange(x.shape[0], device=x.device), eos]
+        return self._pool(self.transformer(x, attn_mask=mask), eos)
+
+    def _prefix_kv(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Keys and values of the shared prefix at every layer (the last layer's block output is unused)."""
+        blocks = self.transformer.resblocks
+        kv = []
+        for i, block in enumerate(blocks):
+            q, k, v = _qkv(block, block.ln_1(x))
+            kv += [k, v]
+            if i == len(blocks) - 1:
+                break
+            x = x + block.ls_1(_out(block, F.scaled_dot_product_attention(q, k, v, is_causal=True)))
+            x = x + block.ls_2(block.mlp(block.ln_2(x)))
+        return kv
+
+    def _tail(self, x: torch.Tensor, eos: torch.Tensor, allowed: torch.Tensor, *kv: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        for i, block in enumerate(self.transformer.resblocks):
+            q, k, v = _qkv(block, block.ln_1(x))
+            k = torch.cat([kv[2 * i].expand(n, -1, -1, -1).to(k.dtype), k], dim=2)
+            v = torch.cat([kv[2 * i + 1].expand(n, -1, -1, -1).to(v.dtype), v], dim=2)
+            x = x + block.ls_1(_out(block, F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)))
+            x = x + block.ls_2(block.mlp(block.ln_2(x)))
+        return self._pool(x, eos)
+
+    def _pool(self, x: torch.Tensor, eos: torch.Tensor) -> torch.Tensor:
+        """EOS token -> final LayerNorm (per token, so after the gather) -> projection."""
+        x = self.ln_final(x[torch.arange(x.shape[0], device=x.device), eos])
         if isinstance(self.text_projection, nn.Linear):
             return self.text_projection(x)
         return x @ self.text_projection if self.text_projection is not None else x
@@ -123,6 +251,7 @@ class PromptLearner(nn.Module):
         self.register_buffer("tokens", tokens)
         self.register_buffer("eos", eos)
         self.register_buffer("order", self._order(name_lens, context_length).to(device))
+        self.min_eos, self.max_eos = int(eos.min()), int(eos.max())  # fixed: kept as ints (no device sync)
 
     def _order(self, name_lens: torch.Tensor, length: int) -> torch.Tensor:
         """Per class, which slot of [prefix | ctx | suffix] fills each output position."""
@@ -145,15 +274,41 @@ class PromptLearner(nn.Module):
     def num_classes(self) -> int:
         return len(self.classnames)
 
-    def forward(self) -> torch.Tensor:
-        """Prompt token embeddings [C, L, D]."""
+    @property
+    def context_length(self) -> int:
+        return self.tokens.shape[1]
+
+    @property
+    def shared_prefix(self) -> int:
+        """How many leading prompt positions are the same for every class: SOS, plus the shared context
+        tokens that come before the class name."""
+        if self.csc:
+            return 1
+        return {"end": 1 + self.n_ctx, "middle": 1 + self.n_ctx // 2, "front": 1}[self.position]
+
+    def forward(self, length: int | None = None) -> torch.Tensor:
+        """Prompt token embeddings [C, L, D] (only the first `length` positions when given)."""
         c = self.num_classes
+        length = self.context_length if length is None else length
         ctx = self.ctx if self.csc else self.ctx.unsqueeze(0).expand(c, -1, -1)
-        src = torch.cat([self.token_prefix, ctx.to(self.token_prefix.dtype), self.token_suffix], dim=1)
         if self.position == "end":
-            return src
-        idx = self.order.unsqueeze(-1).expand(-1, -1, src.shape[-1])
+            suffix = self.token_suffix[:, : max(length - 1 - self.n_ctx, 0)]
+            return torch.cat([self.token_prefix, ctx.to(self.token_prefix.dtype), suffix], dim=1)[:, :length]
+        src = torch.cat([self.token_prefix, ctx.to(self.token_prefix.dtype), self.token_suffix], dim=1)
+        idx = self.order[:, :length].unsqueeze(-1).expand(-1, -1, src.shape[-1])
         return torch.gather(src, 1, idx)
+
+    def split(self, shared: int, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(positions 0..shared-1 once [1, shared, D], positions shared..length-1 per class [C, T, D]);
+        `shared` must not exceed `shared_prefix`."""
+        if shared > self.shared_prefix:
+            raise ValueError(f"only the first {self.shared_prefix} prompt positions are shared (asked {shared})")
+        length = self.context_length if length is None else length
+        if not self.csc and self.position == "end" and shared == 1 + self.n_ctx:  # no C-fold copy of ctx
+            head = torch.cat([self.token_prefix[:1], self.ctx.unsqueeze(0).to(self.token_prefix.dtype)], dim=1)
+            return head, self.token_suffix[:, : length - shared]
+        prompts = self(length)
+        return prompts[:1, :shared], prompts[:, shared:]
 
     def meta(self) -> dict:
         """Everything needed to rebuild this learner around a saved `ctx`."""
@@ -167,18 +322,51 @@ class PromptLearner(nn.Module):
 
 
 class PromptClassifier(nn.Module):
-    """Learned prompts -> normalised class text features; logits against cached image features."""
+    """Learned prompts -> normalised class text features; logits against cached image features.
 
-    def __init__(self, backbone: Backbone, learner: PromptLearner, truncate: bool = True):
+    The defaults are the fast path: prompts cut after the last EOS, the shared prefix computed once, and
+    the backbone's mixed precision on GPU. `truncate=False, share_prefix=False, mixed_precision=False` is
+    CoOp's own computation (all context-length tokens of every prompt, fp32). `class_chunk` bounds memory
+    for large C (classes per slice, activation-checkpointed in training). All settings give the same
+    features up to float rounding.
+    """
+
+    def __init__(self, backbone: Backbone, learner: PromptLearner, truncate: bool = True, share_prefix: bool = True,
+                 class_chunk: int | None = None, mixed_precision: bool = True):
         super().__init__()
+        if class_chunk is not None and class_chunk < 1:
+            raise ValueError(f"class_chunk must be >= 1 or None (got {class_chunk})")
         self.backbone = backbone
         self.learner = learner
         self.encoder = TextEncoder(backbone)
         self.truncate = truncate
+        self.share_prefix = share_prefix
+        self.class_chunk = class_chunk
+        self.mixed_precision = mixed_precision
+
+    @property
+    def length(self) -> int:
+        """Token positions the text tower runs per prompt."""
+        if self.truncate and self.encoder.causal:
+            return self.learner.max_eos + 1
+        return self.learner.context_length
+
+    @property
+    def prefix(self) -> int:
+        """Leading positions computed once for all classes (0: none)."""
+        if not self.share_prefix:
+            return 0
+        return self.encoder.usable_prefix(self.learner.shared_prefix, self.learner.min_eos)
 
     def text_features(self) -> torch.Tensor:
-        with self.backbone.autocast():
-            feats = self.encoder(self.learner(), self.learner.eos, truncate=self.truncate)
+        learner, encoder, length, prefix = self.learner, self.encoder, self.length, self.prefix
+        precision = self.backbone.autocast() if self.mixed_precision else contextlib.nullcontext()
+        with precision:
+            if prefix:
+                head, tail = learner.split(prefix, length)
+                feats = encoder.forward_shared(head, tail, learner.eos, self.class_chunk)
+            else:
+                feats = encoder.forward_plain(learner(length), learner.eos, self.class_chunk)
         return F.normalize(feats.float(), dim=-1)
 
     def logits(self, image_features: torch.Tensor, text_features: torch.Tensor | None = None) -> torch.Tensor:

@@ -10,6 +10,8 @@ import json
 import logging
 import math
 import platform
+import random
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -24,14 +26,15 @@ from tqdm.auto import tqdm
 from . import __version__
 from .backbone import Backbone, load_backbone
 from .config import ConfigError, RunConfig
-from .data import DataError, ImageDataset, few_shot_indices, find_bad_images, load_data
+from .data import DataError, DataSplits, ImageDataset, find_bad_images, load_data
 from .features import cached_features, encode_paths
-from .io import append_jsonl, atomic_write, atomic_write_json, atomic_write_text, read_json, read_jsonl
+from .io import (LockBusy, append_jsonl, atomic_write, atomic_write_json, atomic_write_text, process_lock, read_json,
+                 read_jsonl)
 from .losses import get_loss
 from .metrics import accuracy, logit_gradient_norms, memorisation, per_class_accuracy, predict
 from .noise import NoisyLabels, make_noisy_labels
 from .prompt import PromptClassifier, PromptLearner, context_drift, mean_pairwise_cosine
-from .results import append_result
+from .results import append_result, read_results
 
 log = logging.getLogger(__name__)
 
@@ -85,25 +88,34 @@ def _drop_bad(ds: ImageDataset, skip: bool, what: str) -> tuple[ImageDataset, in
     return ds.subset([i for i, p in enumerate(ds.paths) if p not in bad]), len(bad)
 
 
+def load_splits(cfg: RunConfig) -> DataSplits:
+    return load_data(cfg.dataset, root=cfg.data if cfg.data is not None else cfg.root, test_root=cfg.test_data,
+                     test_fraction=cfg.test_fraction, seed=cfg.seed, classnames=cfg.classnames,
+                     cache_dir=cfg.cache_dir, download=cfg.download)
+
+
 def prepare(cfg: RunConfig, run_dir: Path | None = None) -> Prepared:
     """Data, few-shot subset, noisy labels, backbone and cached features for one run."""
-    splits = load_data(cfg.dataset, root=cfg.data, test_root=cfg.test_data, test_fraction=cfg.test_fraction,
-                       seed=cfg.seed, classnames=cfg.classnames)
+    from .data import select_training
+
+    splits = load_splits(cfg)
     train, skipped_train = _drop_bad(splits.train, cfg.skip_bad_images, "training")
     test, skipped_test = _drop_bad(splits.test, cfg.skip_bad_images, "test")
-    if cfg.shots > 0:
-        idx = few_shot_indices(train, cfg.shots, cfg.seed)
-        train = train.subset(idx)
-    else:
-        empty = [train.classnames[c] for c, n in enumerate(train.class_counts()) if n == 0]
-        if empty:
-            raise DataError(f"class '{empty[0]}' has no training images; add images or remove the class")
-        idx = np.arange(len(train))
-    labels = make_noisy_labels(train.labels, train.num_classes, cfg.noise, cfg.noise_rate, cfg.seed)
+    # K-shot subset (symflip/pairflip pick false positives into it; `given` samples by the shipped labels)
+    sel = select_training(train, cfg.shots, cfg.seed, cfg.noise, fp=cfg.fp or 0, noise_file=cfg.noise_file,
+                          label_set=cfg.label_set, cache_dir=cfg.cache_dir)
+    train, idx = sel.train, sel.indices
+    labels = make_noisy_labels(train.labels, train.num_classes, cfg.noise, cfg.noise_rate, cfg.seed,
+                               **({} if sel.given is None else {"given": sel.given}))
+    if sel.info.get("clean_labels_known") is False:
+        log.warning("%s ships no clean labels: the realised noise rate cannot be measured (reported as 0)%s",
+                    train.name, f"; its verified subset has {sel.info['verified_noise_rate']:.1%} wrong labels"
+                    if sel.info.get("verified_noise_rate") is not None else "")
     if run_dir is not None:
         atomic_write_text(run_dir / "train_files.csv", "index,path,true,given\n" + "".join(
             f"{i},{p},{t},{g}\n" for i, p, t, g in zip(idx.tolist(), train.paths, labels.true, labels.given)))
         labels.save(run_dir / "noisy_labels.csv")
+        atomic_write_json(run_dir / "dataset.json", sel.info | {"skipped_images": skipped_train + skipped_test})
 
     backbone = load_backbone(cfg.model, cfg.pretrained, cfg.checkpoint, cfg.device, cfg.precision)
     views = cfg.views if cfg.path == "fast" else 0
@@ -122,20 +134,58 @@ def zeroshot_text_features(backbone: Backbone, classnames: list[str], template: 
 
 
 class _ReferenceBatches:
-    """CoOp's computation: every step loads, augments and encodes its images through the image tower."""
+    """CoOp's computation, kept for side-by-side measurement: every step loads its images, augments them
+    (the backbone's train transform: CoOp's random-resized-crop + flip) and encodes them through the frozen
+    image tower in fp32, whatever the run's precision; nothing is cached.
+
+    Decoding and resizing run on a thread pool, as CoOp's DataLoader workers would, so the reference is not
+    slowed by serial image loading. The random draws stay on the calling thread, per image from the step's
+    seed, in the order the transform itself draws them: the numbers equal
+    `encode_paths(..., train_transform, seed=step_seed)` and do not depend on the thread count.
+    """
 
     def __init__(self, p: Prepared):
+        import os
+        from concurrent.futures import ThreadPoolExecutor
+
+        from torchvision import transforms as T
+
         self.p = p
-        self.transform = p.backbone.train_transform()
+        steps = p.backbone.train_transform().transforms
+        if not (isinstance(steps[0], T.RandomResizedCrop) and isinstance(steps[1], T.RandomHorizontalFlip)):
+            raise TypeError("the reference path expects the train transform to start with RandomResizedCrop "
+                            "and RandomHorizontalFlip")
+        self.crop, self.flip, self.rest = steps[0], steps[1], T.Compose(steps[2:])
+        self.pool = ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1)))
+
+    def _augment(self, image, crop: tuple[int, int, int, int], flip: bool) -> torch.Tensor:
+        from torchvision.transforms import functional as TF
+
+        image = TF.resized_crop(image, *crop, self.crop.size, self.crop.interpolation, antialias=self.crop.antialias)
+        return self.rest(TF.hflip(image) if flip else image)
 
     def __call__(self, idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        from .data.base import load_image
+        from .features import view_seed
+
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
-        paths = [self.p.train.paths[i] for i in idx.tolist()]
-        return encode_paths(self.p.backbone, paths, self.transform, seed=seed, batch_size=len(paths),
-                            desc="reference").to(self.p.backbone.device)
+        images = list(self.pool.map(load_image, [self.p.train.paths[i] for i in idx.tolist()]))
+        draws = []
+        with torch.random.fork_rng(devices=[]):  # per-image seeding must not disturb the caller's RNG
+            for k, image in enumerate(images):
+                torch.manual_seed(view_seed(seed, 0, k))
+                crop = self.crop.get_params(image, self.crop.scale, self.crop.ratio)
+                draws.append((crop, bool(torch.rand(1) < self.flip.p)))
+        batch = torch.stack(list(self.pool.map(self._augment, images, *zip(*draws))))
+        model, device = self.p.backbone.model, self.p.backbone.device
+        with torch.no_grad():
+            feats = model.encode_image(batch.to(device, non_blocking=True))
+        return torch.nn.functional.normalize(feats.float(), dim=-1)
 
 
 def _check_run_dir(cfg: RunConfig, run_dir: Path) -> None:
+    if run_dir.exists() and not run_dir.is_dir():
+        raise TrainingError(f"output '{run_dir}' is a file, not a run folder; choose another --output")
     existing = run_dir / "config.yaml"
     if not existing.is_file():
         return
@@ -151,7 +201,9 @@ def _check_run_dir(cfg: RunConfig, run_dir: Path) -> None:
 
 def _save_checkpoint(run_dir: Path, learner: PromptLearner, opt: torch.optim.Optimizer, epoch: int) -> None:
     state = {"epoch": epoch, "ctx": learner.ctx.detach().cpu(), "optimizer": opt.state_dict(),
-             "torch_rng": torch.get_rng_state()}
+             "torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state(), "python_rng": random.getstate()}
+    if torch.cuda.is_initialized():
+        state["cuda_rng"] = torch.cuda.get_rng_state_all()
     atomic_write(run_dir / "checkpoint.pt", lambda tmp: torch.save(state, tmp))
 
 
@@ -160,25 +212,73 @@ def _load_checkpoint(run_dir: Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:
         log.warning("checkpoint %s unreadable (%s); starting from epoch 0", path, type(exc).__name__)
         return None
+    if not isinstance(state, dict) or not {"epoch", "ctx", "optimizer", "torch_rng"} <= state.keys():
+        log.warning("checkpoint %s is not a dspt training checkpoint; starting from epoch 0", path)
+        return None
+    return state
+
+
+def run_lock_path(run_dir: Path) -> Path:
+    """The lock beside a run folder (not inside it: a failed fresh run leaves no folder behind)."""
+    run_dir = Path(run_dir).resolve()
+    return run_dir.parent / f".{run_dir.name}.lock"
+
+
+def _finished(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
+    """A finished run's metrics; its results row is re-added if a kill came between metrics.json and the row."""
+    log.debug("run %s is already complete; returning its metrics", run_dir)
+    metrics = read_json(run_dir / "metrics.json")
+    table = read_results(cfg.results)
+    if table.empty or "run_id" not in table or str(run_dir.resolve()) not in set(table["run_id"].astype(str)):
+        append_result(cfg.results, result_row(cfg, metrics, run_dir))
+    return metrics
+
+
+def _diverged(what: str, cfg: RunConfig, run_dir: Path, last_saved: int) -> TrainingError:
+    kept = (f"the last good checkpoint (epoch {last_saved + 1}) is kept in {run_dir} and no metrics were written"
+            if last_saved >= 0 else "no epoch had finished, so nothing was kept")
+    return TrainingError(f"{what}; lower --lr (now {cfg.lr:g}) and use a new --output; {kept}")
 
 
 def train(cfg: RunConfig) -> dict[str, Any]:
-    """Run (or resume, or return the finished result of) one configuration; returns its metrics."""
+    """Run (or resume, or return the finished result of) one configuration; returns its metrics.
+
+    One process at a time per run folder (a lock file beside it). A folder that this call created is removed
+    again when the run fails before its first checkpoint, so a bad input leaves nothing behind that a later
+    run would trip over or mistake for a result; metrics.json is written last and marks a finished run.
+    """
     cfg = cfg.resolved()
     run_dir = Path(cfg.output)
     _check_run_dir(cfg, run_dir)
     if (run_dir / "metrics.json").is_file():
         log.info("run %s is already complete; returning its metrics", run_dir)
-        return read_json(run_dir / "metrics.json")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.yaml", cfg.dump())
-    torch.manual_seed(cfg.seed)
+        return _finished(cfg, run_dir)
+    try:
+        with process_lock(run_lock_path(run_dir)):
+            _check_run_dir(cfg, run_dir)  # another process may have started or finished it meanwhile
+            if (run_dir / "metrics.json").is_file():
+                return _finished(cfg, run_dir)
+            created = not run_dir.exists()
+            run_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                return _train_in(cfg, run_dir)
+            except BaseException:
+                if created and not (run_dir / "checkpoint.pt").is_file():
+                    shutil.rmtree(run_dir, ignore_errors=True)
+                raise
+    except LockBusy as exc:
+        raise TrainingError(f"run folder '{run_dir}' is in use by another dspt process (pid {exc.holder}); "
+                            "wait for it to finish or stop it") from None
 
+
+def _train_in(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
+    torch.manual_seed(cfg.seed)
     p = prepare(cfg, run_dir)
+    atomic_write_text(run_dir / "config.yaml", cfg.dump())  # after the inputs checked out
     dev = p.backbone.device
     atomic_write_json(run_dir / "environment.json", versions(dev))
     given = torch.as_tensor(p.labels.given, device=dev)
@@ -189,7 +289,8 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     zs_pred = predict(p.test_feats, zs_text)
     learner = PromptLearner(p.backbone, p.train.classnames, cfg.n_ctx, cfg.ctx_init, cfg.csc,
                             cfg.class_token_position, seed=cfg.seed)
-    clf = PromptClassifier(p.backbone, learner, truncate=cfg.path == "fast")
+    fast = cfg.path == "fast"  # reference: CoOp's text side too (all context tokens per prompt, fp32)
+    clf = PromptClassifier(p.backbone, learner, truncate=fast, share_prefix=fast, mixed_precision=fast)
     ctx0 = learner.ctx.detach().clone()
     with torch.no_grad():
         init_cos = mean_pairwise_cosine(clf.text_features())
@@ -198,13 +299,23 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     start = 0
     ckpt = _load_checkpoint(run_dir)
     log_path = run_dir / "log.jsonl"
+    if ckpt is not None and tuple(ckpt.get("ctx", torch.empty(0)).shape) != tuple(learner.ctx.shape):
+        log.warning("checkpoint in %s does not fit this prompt (shape %s); starting from epoch 0", run_dir,
+                    tuple(ckpt.get("ctx", torch.empty(0)).shape))
+        ckpt = None
     if ckpt is not None:
         with torch.no_grad():
             learner.ctx.copy_(ckpt["ctx"].to(dev))
         opt.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["torch_rng"])
+        if "numpy_rng" in ckpt:
+            np.random.set_state(ckpt["numpy_rng"])
+            random.setstate(ckpt["python_rng"])
+        if "cuda_rng" in ckpt and dev.type == "cuda":
+            torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
         start = ckpt["epoch"] + 1
         log.info("resuming %s at epoch %d/%d", run_dir, start + 1, cfg.epochs)
+    last_saved = start - 1  # epoch of the newest checkpoint on disk (-1: none)
     # Epochs after the checkpoint are recomputed; drop their log lines so each epoch is logged once.
     if log_path.is_file():
         kept = [r for r in read_jsonl(log_path) if r.get("event") != "epoch" or r["epoch"] < start]
@@ -237,20 +348,20 @@ def train(cfg: RunConfig) -> dict[str, Any]:
             logits = clf.logits(feats)
             loss = loss_fn(logits, given[idx.to(dev)])
             if not torch.isfinite(loss):
-                raise TrainingError(f"non-finite loss at epoch {epoch + 1} step {s + 1}; lower --lr "
-                                    f"(now {cfg.lr}); the last good checkpoint is kept in {run_dir}")
+                raise _diverged(f"non-finite loss ({loss.item()}) at epoch {epoch + 1} step {s + 1}", cfg, run_dir,
+                                last_saved)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             losses.append(loss.item())
         if not torch.isfinite(learner.ctx).all():
-            raise TrainingError(f"non-finite prompt parameters after epoch {epoch + 1}; lower --lr "
-                                f"(now {cfg.lr}); the last good checkpoint is kept in {run_dir}")
+            raise _diverged(f"non-finite prompt parameters after epoch {epoch + 1}", cfg, run_dir, last_saved)
         record = {"event": "epoch", "epoch": epoch, "lr": lr, "loss": float(np.mean(losses)),
                   "seconds": time.perf_counter() - t_epoch}
         record.update(_epoch_diagnostics(p, clf, loss_fn))
         append_jsonl(log_path, record)
         _save_checkpoint(run_dir, learner, opt, epoch)
+        last_saved = epoch
         bar.set_postfix(loss=f"{record['loss']:.4f}", test=f"{record['test_acc']:.1f}")
     bar.close()
     train_seconds = time.perf_counter() - t_train
@@ -354,8 +465,7 @@ def load_prompt(run_dir: str | Path, backbone: Backbone | None = None,
 def zeroshot(cfg: RunConfig) -> dict[str, Any]:
     """Zero-shot accuracy of `cfg.template` on the test split (the reference line of every table)."""
     cfg = cfg.resolved()
-    splits = load_data(cfg.dataset, root=cfg.data, test_root=cfg.test_data, test_fraction=cfg.test_fraction,
-                       seed=cfg.seed, classnames=cfg.classnames)
+    splits = load_splits(cfg)
     backbone = load_backbone(cfg.model, cfg.pretrained, cfg.checkpoint, cfg.device, cfg.precision)
     te = cached_features(backbone, splits.test, "test", 0, cfg.seed, cfg.cache_dir, workers=cfg.workers)
     text = zeroshot_text_features(backbone, splits.classnames, cfg.template)

@@ -30,14 +30,26 @@ class ImageDataset:
     name: str = "folder"
     template: str = "a photo of a {}."
     meta: dict = field(default_factory=dict)
+    #: labels shipped with the data that may be wrong (real noise: CIFAR-N, a CSV's noisy column), aligned
+    #: with `paths`; `labels` then holds the clean labels. None when the data ships one label per image.
+    noisy_labels: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.labels = np.asarray(self.labels, dtype=np.int64)
         if len(self.paths) != len(self.labels):
             raise DataError(f"{self.name}: {len(self.paths)} paths but {len(self.labels)} labels")
-        if len(self.labels) and (self.labels.min() < 0 or self.labels.max() >= len(self.classnames)):
-            bad = int(self.labels[(self.labels < 0) | (self.labels >= len(self.classnames))][0])
-            raise DataError(f"{self.name}: label {bad} is outside the {len(self.classnames)} classes")
+        self._check_range(self.labels, "label")
+        if self.noisy_labels is not None:
+            self.noisy_labels = np.asarray(self.noisy_labels, dtype=np.int64)
+            if self.noisy_labels.shape != self.labels.shape:
+                raise DataError(f"{self.name}: {len(self.noisy_labels)} noisy labels for {len(self.labels)} images")
+            self._check_range(self.noisy_labels, "noisy label")
+
+    def _check_range(self, labels: np.ndarray, what: str) -> None:
+        if len(labels) and (labels.min() < 0 or labels.max() >= len(self.classnames)):
+            i = int(np.flatnonzero((labels < 0) | (labels >= len(self.classnames)))[0])
+            raise DataError(f"{self.name}: {what} {int(labels[i])} of '{self.paths[i]}' is outside the "
+                            f"{len(self.classnames)} classes")
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -48,7 +60,9 @@ class ImageDataset:
 
     def subset(self, indices: np.ndarray | list[int]) -> "ImageDataset":
         idx = np.asarray(indices, dtype=np.int64)
-        return replace(self, paths=[self.paths[i] for i in idx], labels=self.labels[idx], meta=dict(self.meta))
+        noisy = None if self.noisy_labels is None else self.noisy_labels[idx]
+        return replace(self, paths=[self.paths[i] for i in idx], labels=self.labels[idx], meta=dict(self.meta),
+                       noisy_labels=noisy)
 
     def class_counts(self) -> np.ndarray:
         return np.bincount(self.labels, minlength=self.num_classes)
@@ -65,6 +79,16 @@ class ImageDataset:
                 stamp = "missing"
             digest.update(f"{path}|{label}|{stamp}\n".encode())
         return digest.hexdigest()
+
+
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """dspt's cache folder (the run's --cache-dir, else $DSPT_CACHE or ~/.cache/dspt); generated split and
+    few-shot files live here, never in the data folder."""
+    if cache_dir:
+        return Path(cache_dir).expanduser()
+    from ..features import default_cache_dir  # lazy: features imports this module
+
+    return default_cache_dir()
 
 
 def load_image(path: str) -> Image.Image:

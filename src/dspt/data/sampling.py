@@ -1,9 +1,19 @@
 """Seeded splits and K-shot sampling; the chosen indices are saved so a run can be reproduced exactly."""
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
 import numpy as np
 
-from .base import DataError, ImageDataset
+from ..io import atomic_write_text
+from .base import DataError, ImageDataset, cache_root
+
+log = logging.getLogger(__name__)
 
 
 def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -36,3 +46,178 @@ def few_shot_indices(dataset: ImageDataset, shots: int, seed: int) -> np.ndarray
     chosen = [rng.choice(np.flatnonzero(dataset.labels == c), size=shots, replace=False)
               for c in range(dataset.num_classes)]
     return np.sort(np.concatenate(chosen))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the false-positive protocol of PTNL / JoAPR, and few-shot index files in the cache
+
+#: noise protocols that choose the K-shot training subset themselves
+FP_PROTOCOLS = ("symflip", "pairflip")
+
+
+def false_positive_shots(labels: np.ndarray, num_classes: int, shots: int, fp: int, mode: str, seed: int,
+                         classnames: list[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The K shots of each class c: K - FP images of c and FP images of other classes, all labelled c.
+
+    ``symflip`` draws the FP images uniformly from the images of all other classes, ``pairflip`` from class
+    c+1 (mod C). True positives are drawn first, so no image is both a true shot of its own class and a false
+    positive elsewhere, and no image is used twice. Returns (indices into `labels`, given labels), sorted by
+    index; exactly K * C images, exactly FP per class with a wrong label.
+    """
+    if mode not in FP_PROTOCOLS:
+        raise DataError(f"false-positive protocol '{mode}' unknown; choose one of: {', '.join(FP_PROTOCOLS)}")
+    if shots < 1:
+        raise DataError(f"{mode} needs a K-shot subset; pass --shots K (>= 1) and --fp FP")
+    if not 0 <= fp < shots:
+        raise DataError(f"--fp {fp} must be in [0, {shots - 1}] for {shots} shots (FP false positives per class)")
+    labels = np.asarray(labels, dtype=np.int64)
+    names = classnames or [str(c) for c in range(num_classes)]
+    rng = np.random.default_rng(seed)
+    own = shots - fp
+    by_class = [np.flatnonzero(labels == c) for c in range(num_classes)]
+    short = [c for c in range(num_classes) if len(by_class[c]) < own]
+    if short:
+        c = short[0]
+        raise DataError(f"class '{names[c]}' has {len(by_class[c])} training images, fewer than the {own} true "
+                        f"shots of {mode} with --shots {shots} --fp {fp} ({len(short)} class(es) short); "
+                        "lower --shots or raise --fp")
+    chosen = [rng.choice(idx, size=own, replace=False) for idx in by_class]
+    used = np.zeros(len(labels), dtype=bool)
+    used[np.concatenate(chosen)] = True
+    indices, given = [], []
+    for c in range(num_classes):
+        if mode == "symflip":
+            pool = np.flatnonzero(~used & (labels != c))
+        else:
+            pool = np.flatnonzero(~used & (labels == (c + 1) % num_classes))
+        if len(pool) < fp:
+            if mode == "symflip":
+                raise DataError(f"symflip: only {len(pool)} unused image(s) of other classes are left as false "
+                                f"positives for class '{names[c]}', fewer than --fp {fp}; lower --shots or --fp")
+            raise DataError(f"pairflip: class '{names[(c + 1) % num_classes]}' has {len(pool)} image(s) left after "
+                            f"its own {own} true shots, fewer than the {fp} false positives of class '{names[c]}' "
+                            f"(pairflip needs {shots} images in every class); lower --shots or --fp")
+        picks = rng.choice(pool, size=fp, replace=False) if fp else np.empty(0, dtype=np.int64)
+        used[picks] = True
+        indices += [chosen[c], picks]
+        given.append(np.full(shots, c, dtype=np.int64))
+    idx = np.concatenate(indices).astype(np.int64)
+    giv = np.concatenate(given)
+    order = np.argsort(idx, kind="stable")
+    return idx[order], giv[order]
+
+
+def _subset_key(dataset: ImageDataset, labels: np.ndarray) -> str:
+    digest = hashlib.sha256()
+    digest.update(f"{dataset.name}\n{len(dataset)}\n".encode())
+    digest.update("\n".join(dataset.classnames).encode())
+    for path, label in zip(dataset.paths, labels.tolist()):
+        digest.update(f"{path}|{label}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def fewshot_file(dataset: ImageDataset, split: str, shots: int, seed: int, noise: str | None, fp: int,
+                 cache_dir: str | os.PathLike | None, labels: np.ndarray | None = None) -> Path:
+    """<cache>/fewshot/<dataset>/<split>-k<K>-s<seed>[-<noise>-fp<FP>]-<content key>.json"""
+    key = _subset_key(dataset, dataset.labels if labels is None else labels)
+    tag = f"-{noise}-fp{fp}" if noise in FP_PROTOCOLS else ("-given" if labels is not None else "")
+    return cache_root(cache_dir) / "fewshot" / dataset.name / f"{split}-k{shots}-s{seed}{tag}-{key}.json"
+
+
+def cached_few_shot(dataset: ImageDataset, shots: int, seed: int, cache_dir: str | os.PathLike | None = None,
+                    noise: str | None = None, fp: int = 0, labels: np.ndarray | None = None,
+                    split: str = "train") -> tuple[np.ndarray, np.ndarray | None]:
+    """The K-shot subset of `dataset` as (indices, given labels or None), kept in a file keyed by dataset, split,
+    K, seed (and protocol / FP), stored in dspt's cache folder, never in the data folder.
+
+    `noise` symflip / pairflip picks false positives (:func:`false_positive_shots`); otherwise K images per
+    class of `labels` (default: the dataset's labels; pass shipped noisy labels to sample as a user would,
+    by the labels they have). The same arguments always give the same subset; the file makes it inspectable
+    and reusable by other tools.
+    """
+    path = fewshot_file(dataset, split, shots, seed, noise, fp, cache_dir, labels)
+    if path.is_file():
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            idx = np.asarray(data["indices"], dtype=np.int64)
+            given = None if data.get("given") is None else np.asarray(data["given"], dtype=np.int64)
+            if data.get("n") == len(dataset) and len(idx) and idx.min() >= 0 and idx.max() < len(dataset) and \
+                    (given is None or len(given) == len(idx)):
+                return idx, given
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+        log.warning("few-shot file %s is unreadable or stale; drawing the subset again", path)
+    if noise in FP_PROTOCOLS:
+        idx, given = false_positive_shots(dataset.labels, dataset.num_classes, shots, fp, noise, seed,
+                                          dataset.classnames)
+    else:
+        view = dataset if labels is None else ImageDataset(dataset.paths, labels, dataset.classnames, dataset.name)
+        idx, given = few_shot_indices(view, shots, seed), None
+    base = dataset.meta.get("root")
+    rel = [os.path.relpath(dataset.paths[i], base) if base else dataset.paths[i] for i in idx.tolist()]
+    record = {"dataset": dataset.name, "split": split, "shots": shots, "seed": seed, "noise": noise, "fp": fp,
+              "n": len(dataset), "root": base, "indices": idx.tolist(),
+              "given": None if given is None else given.tolist(), "paths": rel}
+    try:
+        atomic_write_text(path, json.dumps(record) + "\n")
+    except OSError as exc:  # a read-only cache must not stop a run: the subset is reproducible anyway
+        log.warning("cannot write few-shot file %s (%s)", path, exc)
+    return idx, given
+
+
+@dataclass
+class TrainingSubset:
+    """The images a run trains on and the labels it is given (before any synthetic noise)."""
+
+    train: ImageDataset  # the chosen images; .labels are the true labels
+    indices: np.ndarray  # into the full training split
+    given: np.ndarray | None  # labels to train on when they are not drawn by a noise protocol (given, *flip)
+    info: dict  # what was done, saved with the run (dataset.json)
+
+
+def select_training(train: ImageDataset, shots: int, seed: int, noise: str = "sym", fp: int = 0,
+                    noise_file: str | os.PathLike | None = None, label_set: str | None = None,
+                    cache_dir: str | os.PathLike | None = None) -> TrainingSubset:
+    """K-shot subset (or the full split, shots 0) and, for `given` / symflip / pairflip, the given labels.
+
+    - symflip / pairflip choose K images per class of which FP are false positives (:func:`false_positive_shots`);
+    - given: the labels shipped with the data (or `noise_file`); the K shots are drawn per *given* class, as a
+      user holding only those labels would; where the data has no clean labels the true labels are unknown and
+      set equal to the given ones (the realised noise rate then cannot be measured; `info` says so);
+    - otherwise K images per (clean) class; a noise protocol corrupts their labels afterwards.
+    The subset is stored in the cache as a few-shot file keyed by dataset, split, K, seed (and protocol).
+    """
+    info: dict = {"dataset": train.name, "n_pool": len(train), "shots": shots, "seed": seed, "noise": noise,
+                  "split_source": train.meta.get("split_source"), "split_generated": train.meta.get("split_generated")}
+    for key in ("verified_noise_rate", "verified_train", "table", "source"):
+        if key in train.meta:
+            info[key] = train.meta[key]
+    if noise in FP_PROTOCOLS:
+        idx, given = cached_few_shot(train, shots, seed, cache_dir, noise=noise, fp=fp)
+        info.update(fp=fp, fewshot_file=str(fewshot_file(train, "train", shots, seed, noise, fp, cache_dir)))
+        return TrainingSubset(train.subset(idx), idx, given, info)
+    pool_given, clean_known = None, True
+    if noise == "given":
+        from .realnoise import given_labels
+
+        pool_given, clean_known = given_labels(train, noise_file, label_set)
+        info.update(noise_file=str(noise_file) if noise_file else None, label_set=label_set,
+                    clean_labels_known=clean_known)
+        if clean_known:
+            info["pool_noise_rate"] = float((pool_given != train.labels).mean()) if len(train) else 0.0
+    elif noise_file is not None or label_set is not None:
+        raise DataError("--noise-file / --label-set hold real noisy labels; use them with --noise given")
+    if shots > 0:
+        idx, _ = cached_few_shot(train, shots, seed, cache_dir, labels=pool_given)
+        info["fewshot_file"] = str(fewshot_file(train, "train", shots, seed, None, 0, cache_dir, pool_given))
+    else:
+        counts = np.bincount(train.labels if pool_given is None else pool_given, minlength=train.num_classes)
+        empty = [train.classnames[c] for c, n in enumerate(counts) if n == 0]
+        if empty:
+            raise DataError(f"class '{empty[0]}' has no training images; add images or remove the class")
+        idx = np.arange(len(train))
+    sub = train.subset(idx)
+    given = None if pool_given is None else pool_given[idx]
+    if given is not None and not clean_known:
+        sub.labels = given.copy()  # true labels unknown: report against the given ones
+    return TrainingSubset(sub, idx, given, info)

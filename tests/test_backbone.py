@@ -1,0 +1,54 @@
+"""Backbone loading: tiny config, local checkpoints, clear errors (never the network)."""
+import time
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from dspt.backbone import BackboneError, load_backbone
+
+
+def test_tiny_config_builds_fast_and_is_seeded():
+    t0 = time.perf_counter()
+    a = load_backbone("dspt-tiny", init_seed=1)
+    elapsed = time.perf_counter() - t0
+    b = load_backbone("dspt-tiny", init_seed=1)
+    c = load_backbone("dspt-tiny", init_seed=2)
+    x = torch.randn(2, 3, a.image_size, a.image_size)
+    assert torch.equal(a.encode_images(x), b.encode_images(x))
+    assert not torch.equal(a.encode_images(x), c.encode_images(x))
+    assert a.weights_id == "random:1"
+    assert all(not p.requires_grad for p in a.model.parameters())
+    print(f"dspt-tiny built in {elapsed:.3f} s")
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_local_checkpoint_round_trip(tmp_path, suffix):
+    src = load_backbone("dspt-tiny", init_seed=7)
+    state = {k: v.contiguous() for k, v in src.model.state_dict().items()}
+    path = tmp_path / f"mini{suffix}"
+    if suffix == ".pt":
+        torch.save(state, path)
+    else:
+        save_file(state, str(path))
+    loaded = load_backbone("dspt-tiny", checkpoint=path)
+    x = torch.randn(3, 3, src.image_size, src.image_size)
+    assert torch.equal(loaded.encode_images(x), src.encode_images(x))
+    assert loaded.weights_id.startswith("sha256:")
+
+
+def test_errors_name_the_fix(tmp_path):
+    with pytest.raises(BackboneError, match="unknown model 'ViT-Q-99'"):
+        load_backbone("ViT-Q-99")
+    with pytest.raises(BackboneError, match="unknown pretrained tag 'nosuchtag'.*openai"):
+        load_backbone("RN50", pretrained="nosuchtag")
+    with pytest.raises(BackboneError, match="not found"):
+        load_backbone("dspt-tiny", checkpoint=tmp_path / "missing.pt")
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"this is not a checkpoint")
+    with pytest.raises(BackboneError, match="not a CLIP checkpoint"):
+        load_backbone("dspt-tiny", checkpoint=junk)
+    other = tmp_path / "other.safetensors"
+    save_file({"weight": torch.zeros(3)}, str(other))
+    with pytest.raises(BackboneError, match="not a CLIP checkpoint"):
+        load_backbone("dspt-tiny", checkpoint=other)

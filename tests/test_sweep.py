@@ -1,0 +1,240 @@
+"""`dspt sweep`: grid expansion, deterministic run folders, skip-done, reconcile, failures, bad grids.
+
+Kills of a running sweep are in test_reliability.py. Tiny random-weight model on generated images, CPU, one
+torch thread, no network.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import socket
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from dspt import cli
+from dspt.config import ConfigError
+from dspt.sweep import cell_name, expand, list_cells, run_sweep
+
+
+@pytest.fixture(scope="module", autouse=True)
+def offline_one_thread():
+    connect = socket.socket.connect
+
+    def guarded_connect(self, address, *a, **k):
+        if self.family == getattr(socket, "AF_UNIX", None):
+            return connect(self, address, *a, **k)
+        raise OSError(f"a dspt test tried to reach the network: {address!r}")
+
+    def no_lookup(*a, **k):
+        raise OSError(f"a dspt test tried to resolve a host name: {a[:1]!r}")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(socket.socket, "connect", guarded_connect)
+        mp.setattr(socket, "getaddrinfo", no_lookup)
+        mp.setattr(socket, "create_connection", no_lookup)
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(["cat", "dog", "car"]):
+        (root / name).mkdir()
+        for i in range(8):
+            Image.fromarray((rng.random((16, 16, 3)) * 80 + c * 80).astype(np.uint8)).save(root / name / f"{i}.png")
+    return root
+
+
+def base(images: Path, tmp: Path, **over) -> dict:
+    spec = {"data": str(images), "model": "dspt-tiny", "pretrained": "none", "shots": 2, "views": 1, "n_ctx": 4,
+            "batch_size": 2, "epochs": 2, "device": "cpu", "cache_dir": str(tmp / "cache"),
+            "output": str(tmp / "sweep")}
+    spec.update(over)
+    return spec
+
+
+def run_cli(args: list[str]) -> tuple[int, str, str]:
+    logger = logging.getLogger("dspt")
+    saved = logger.handlers[:], logger.level, logger.propagate
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = cli.main(args)
+            except SystemExit as exc:
+                code = exc.code
+    finally:
+        logger.handlers[:], logger.level, logger.propagate = saved
+    return code, out.getvalue(), err.getvalue()
+
+
+def error_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.startswith("dspt: error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+# ------------------------------------------------------------------------------------------- expansion
+
+def test_lists_are_crossed_in_order_with_deterministic_names(images, tmp_path):
+    spec = base(images, tmp_path, loss=["ce", "dspt"], noise_rate=[0, 0.4], seed=[1, 2, 3], shots="all")
+    cells = expand(spec)
+    assert len(cells) == 12
+    assert [c.name for c in cells[:4]] == ["loss=ce,noise_rate=0,seed=1", "loss=ce,noise_rate=0,seed=2",
+                                          "loss=ce,noise_rate=0,seed=3", "loss=ce,noise_rate=0.4,seed=1"]
+    assert [c.name for c in expand(spec)] == [c.name for c in cells], "same grid, same folders"
+    cfg = cells[3].config
+    assert (cfg.loss, cfg.noise_rate, cfg.seed) == ("ce", 0.4, 1)
+    assert cfg.output == str(tmp_path / "sweep" / "loss=ce,noise_rate=0.4,seed=1")
+    assert cfg.results == str(tmp_path / "sweep" / "results.csv")
+    assert cfg.pretrained is None and cfg.shots == 0 and cfg.epochs == 2 and cfg.progress is False
+    assert expand(base(images, tmp_path))[0].name == "run"  # nothing crossed: one run
+
+
+def test_grid_section_and_loss_option_lists(images, tmp_path):
+    spec = base(images, tmp_path, loss="gce", grid={"loss_options": [{"q": 0.7}, {"q": 0.5}], "seed": [0]})
+    cells = expand(spec, output=tmp_path / "elsewhere", results=tmp_path / "r.csv")
+    assert [c.name for c in cells] == ["loss_options=q0.7,seed=0", "loss_options=q0.5,seed=0"]
+    assert cells[1].config.loss_options == {"q": 0.5} and cells[1].config.seed == 0
+    assert cells[0].config.output.startswith(str(tmp_path / "elsewhere"))
+    assert cells[0].config.results == str(tmp_path / "r.csv")
+    assert cell_name({"template": "a {} / photo"}) == "template=a_photo"
+
+
+BAD_GRIDS = [
+    ("unknown-key", dict(los=["ce"]), ["unknown option 'los'"]),
+    ("duplicate", dict(seed=[1, 1]), ["lists a value twice"]),
+    ("empty", dict(seed=[]), ["empty list"]),
+    ("bad-cell", dict(noise_rate=[0, 1.5]), ["grid cell 'noise_rate=1.5'", "outside [0, 1)"]),
+    ("bad-loss", dict(loss=["ce", "nope"]), ["grid cell 'loss=nope'", "unknown loss"]),
+    ("no-output", dict(output=None), ["no 'output:' folder"]),
+    ("both", dict(seed=[1, 2], grid={"seed": [3]}), ["both at the top level and under 'grid:'"]),
+]
+
+
+@pytest.mark.parametrize("name,change,words", BAD_GRIDS, ids=[b[0] for b in BAD_GRIDS])
+def test_bad_grid_fails_before_anything_runs(images, tmp_path, name, change, words):
+    spec = {k: v for k, v in (base(images, tmp_path) | change).items() if v is not None}
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(spec))
+    code, _, err = run_cli(["sweep", str(tmp_path / "grid.yaml")])
+    assert code == 2
+    line = error_line(err)
+    for word in words:
+        assert word in line, f"{word!r} not in {line!r}"
+    assert not (tmp_path / "sweep").exists() and not (tmp_path / "cache").exists()
+
+
+def test_grid_file_problems(tmp_path):
+    code, _, err = run_cli(["sweep", str(tmp_path / "missing.yaml")])
+    assert code == 2 and "not found" in error_line(err)
+    (tmp_path / "bad.yaml").write_text("loss: [ce, dspt\n")
+    code, _, err = run_cli(["sweep", str(tmp_path / "bad.yaml")])
+    assert code == 2 and "not valid YAML" in error_line(err)
+    (tmp_path / "list.yaml").write_text("- ce\n- dspt\n")
+    code, _, err = run_cli(["sweep", str(tmp_path / "list.yaml")])
+    assert code == 2 and "mapping" in error_line(err)
+    code, _, err = run_cli(["sweep", str(tmp_path / "list.yaml"), "--jobs", "0"])
+    assert code == 2 and "--jobs 0" in error_line(err)
+
+
+def test_ray_backend_is_optional_with_a_clear_error(images, tmp_path):
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("ray is installed here")
+    (tmp_path / "grid.yaml").write_text(yaml.safe_dump(base(images, tmp_path, seed=[1, 2])))
+    code, _, err = run_cli(["sweep", str(tmp_path / "grid.yaml"), "--backend", "ray"])
+    assert code == 2
+    line = error_line(err)
+    assert "optional package 'ray'" in line and "--backend local" in line
+    assert not (tmp_path / "sweep").exists()
+
+
+# ------------------------------------------------------------------------------------------------ running
+
+def rows(path: Path) -> pd.DataFrame:
+    return pd.read_csv(path)
+
+
+def test_pool_runs_each_cell_once_skips_done_and_restores_lost_rows(images, tmp_path):
+    spec = base(images, tmp_path, loss=["ce", "dspt"], seed=[1, 2])
+    res = run_sweep(spec, jobs=2, echo=lambda s: None)  # worker processes from the fork server
+    assert res.ok, res.failed
+    assert sorted(res.finished) == sorted(c.name for c in res.cells) and not res.skipped
+    results = tmp_path / "sweep" / "results.csv"
+    table = rows(results)
+    assert sorted(table["run_id"]) == sorted(str(c.run_dir.resolve()) for c in res.cells)
+    for cell in res.cells:
+        assert (cell.run_dir / "metrics.json").is_file() and (cell.run_dir / "environment.json").is_file()
+    assert [c.status() for c in list_cells(spec)] == ["done"] * 4
+
+    again = run_sweep(spec, jobs=2, echo=lambda s: None)
+    assert sorted(again.skipped) == sorted(res.finished) and not again.finished
+    assert rows(results).equals(table), "a finished sweep run again changes nothing"
+
+    # A kill between a run's metrics.json and its results row: the next sweep adds the row, once.
+    lost = str(res.cells[1].run_dir.resolve())
+    table[table["run_id"] != lost].to_csv(results, index=False)
+    run_sweep(spec, jobs=1, echo=lambda s: None)
+    restored = rows(results)
+    assert sorted(restored["run_id"]) == sorted(table["run_id"]) and restored["run_id"].is_unique
+
+    # The grid grows: only the new cells run, into the same results file.
+    bigger = run_sweep(base(images, tmp_path, loss=["ce", "dspt"], seed=[1, 2, 3]), echo=lambda s: None)
+    assert sorted(bigger.finished) == ["loss=ce,seed=3", "loss=dspt,seed=3"] and len(bigger.skipped) == 4
+    assert len(rows(results)) == 6 and rows(results)["run_id"].is_unique
+
+    code, out, _ = run_cli(["sweep", str(_write(tmp_path, spec)), "--list"])
+    assert code == 0 and out.count("done ") == 4
+
+
+def _write(tmp: Path, spec: dict) -> Path:
+    path = tmp / "grid.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_failed_cell_is_reported_and_the_others_finish(images, tmp_path):
+    grid = _write(tmp_path, base(images, tmp_path, lr=[0.002, 1e30]))
+    code, out, err = run_cli(["sweep", str(grid)])
+    assert code == 1
+    line = error_line(err)
+    assert "run lr=1e+30 failed" in line and "non-finite" in line
+    assert "1 finished, 0 skipped, 1 failed" in out
+    table = rows(tmp_path / "sweep" / "results.csv")
+    assert list(table["run_id"]) == [str((tmp_path / "sweep" / "lr=0.002").resolve())]
+    assert not (tmp_path / "sweep" / "lr=1e+30" / "metrics.json").exists()
+
+
+def test_changed_base_config_stops_before_running(images, tmp_path):
+    spec = base(images, tmp_path, seed=[1, 2])
+    assert run_sweep(spec, echo=lambda s: None).ok
+    before = (tmp_path / "sweep" / "results.csv").read_bytes()
+    code, _, err = run_cli(["sweep", str(_write(tmp_path, spec | {"epochs": 3}))])
+    assert code == 3
+    line = error_line(err)
+    assert "holds a different run" in line and "epochs" in line
+    assert (tmp_path / "sweep" / "results.csv").read_bytes() == before
+
+
+def test_bad_jobs_and_backend_values():
+    with pytest.raises(ConfigError, match="--jobs 0"):
+        run_sweep({"output": "x"}, jobs=0)
+    with pytest.raises(ConfigError, match="backend 'slurm' unknown"):
+        run_sweep({"output": "x"}, backend="slurm")
