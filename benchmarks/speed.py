@@ -375,6 +375,8 @@ def main(argv: list[str] | None = None) -> None:
     args.work.mkdir(parents=True, exist_ok=True)
 
     if args.fidelity:
+        if args.threads:
+            torch.set_num_threads(args.threads)
         results = [fidelity(args)]
     else:
         data = cifar_subset(args.data_tarball, args.work, args.shots, args.test_per_class)

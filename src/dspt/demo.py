@@ -1,11 +1,11 @@
 """`dspt demo`: DSPT vs CoOp (cross-entropy) under symmetric label noise, offline, in a few minutes.
 
 No pretrained CLIP can be downloaded here, so the demo builds its own small prior, and says so: the
-package's tiny open_clip config contrastively pretrained on one part of scikit-learn's bundled digits
-(real 8x8 scans of handwriting, upscaled). Prompt tuning then runs on a disjoint part through the very
-pipeline `dspt train` uses, and is tested on a third part. The prior is pretrained briefly on purpose: a
-prior that already classifies the digits perfectly leaves prompt tuning nothing to learn, unlike real
-CLIP on a new dataset, and then a loss that learns nothing would look robust.
+package's tiny open_clip config contrastively pretrained on half of scikit-learn's bundled digits (real
+8x8 scans of handwriting, upscaled). Prompt tuning then runs on a disjoint part through the very pipeline
+`dspt train` uses, with each method's learning rate chosen on a validation part, and is tested on a fourth
+part. To leave headroom, as real CLIP has on a new dataset, the tuning, validation and test parts are
+rendered as negatives (dark digit on white), a rendering only 10 % of the pretraining images had.
 With `--model/--pretrained` (or `--checkpoint`) and `--data`, the same comparison runs on real CLIP.
 """
 from __future__ import annotations
@@ -31,51 +31,64 @@ log = logging.getLogger(__name__)
 
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 DEMO_MODEL = "dspt-tiny"
-PRETRAIN = {"epochs": 8, "batch_size": 64, "lr": 2e-3, "logit_scale": 100.0}
-WORLD_VERSION = 1  # bump when the split, the rendering or the pretraining changes
+PRETRAIN = {"epochs": 16, "batch_size": 64, "lr": 2e-3, "logit_scale": 100.0, "negative_fraction": 0.1}
+WORLD_VERSION = 3  # bump when the split, the rendering or the pretraining changes
 
 
-def _split_digits(seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """images [N,8,8] in [0,1], labels, and seeded stratified indices: pretrain 50 %, tune 25 %, test 25 %."""
+def _split_digits(seed: int) -> tuple[np.ndarray, ...]:
+    """images [N,8,8] in [0,1], labels, and seeded stratified indices: pretrain 50 %, tuning 14 %,
+    validation 11 %, test 25 %."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
     images, labels = digits.images.astype(np.float32) / 16.0, digits.target.astype(np.int64)
     rng = np.random.default_rng(seed)
-    parts: list[list[int]] = [[], [], []]
+    parts: list[list[int]] = [[], [], [], []]
     for c in range(10):
         idx = rng.permutation(np.flatnonzero(labels == c))
-        a, b = int(0.5 * len(idx)), int(0.75 * len(idx))
-        for part, chunk in zip(parts, (idx[:a], idx[a:b], idx[b:])):
+        cuts = [int(f * len(idx)) for f in (0.5, 0.64, 0.75)]
+        for part, chunk in zip(parts, np.split(idx, cuts)):
             part += chunk.tolist()
-    pre, tune, test = (np.sort(np.array(p)) for p in parts)
-    return images, labels, pre, tune, test
+    pre, train, val, test = (np.sort(np.array(p)) for p in parts)
+    return images, labels, pre, train, val, test
 
 
-def _render(image: np.ndarray, size: int = 32):
+def _render(image: np.ndarray, negative: bool = False, size: int = 32):
     from PIL import Image
 
-    return Image.fromarray((image * 255).round().astype(np.uint8)).resize((size, size), Image.BICUBIC).convert("RGB")
+    pixels = 1.0 - image if negative else image
+    return Image.fromarray((pixels * 255).round().astype(np.uint8)).resize((size, size), Image.BICUBIC).convert("RGB")
+
+
+def _negative_mask(n: int, fraction: float, seed: int) -> np.ndarray:
+    """Which pretraining images are rendered as negatives (the tuning domain, rare in pretraining)."""
+    rng = np.random.default_rng([seed, 11])
+    mask = np.zeros(n, dtype=bool)
+    mask[rng.choice(n, size=int(round(fraction * n)), replace=False)] = True
+    return mask
 
 
 def build_world(seed: int, root: Path) -> dict[str, Any]:
     """Write the tuning and test parts as image folders (the pipeline reads files, as for a user's data)."""
-    images, labels, pre, tune, test = _split_digits(seed)
+    images, labels, pre, train, val, test = _split_digits(seed)
     world = root / f"digits-v{WORLD_VERSION}-seed{seed}"
     done = world / "done.json"
     if not done.is_file():
-        for split, idx in (("tune", tune), ("test", test)):
+        for split, idx in (("tune/train", train), ("tune/val", val), ("test", test)):
             for i in idx:
                 path = world / split / DIGIT_NAMES[labels[i]] / f"{i:04d}.png"
                 path.parent.mkdir(parents=True, exist_ok=True)
-                atomic_write(path, lambda tmp, i=i: _render(images[i]).save(tmp, format="PNG"))
-        atomic_write_text(done, json.dumps({"tune": len(tune), "test": len(test), "pretrain": len(pre)}))
+                atomic_write(path, lambda tmp, i=i: _render(images[i], negative=True).save(tmp, format="PNG"))
+        atomic_write_text(done, json.dumps({"train": len(train), "val": len(val), "test": len(test),
+                                            "pretrain": len(pre)}))
     return {"root": world, "tune": world / "tune", "test": world / "test", "images": images, "labels": labels,
             "pretrain_idx": pre}
 
 
-def pretrained_miniature(seed: int = 0, cache_dir: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
+def pretrained_miniature(seed: int = 0, cache_dir: str | Path | None = None, progress: bool = True,
+                         pretrain_epochs: int | None = None) -> dict[str, Any]:
     """The demo's prior: (checkpoint path, tune folder, test folder). Cached: a second call reuses it."""
+    settings = dict(PRETRAIN, epochs=pretrain_epochs or PRETRAIN["epochs"])
     from safetensors.torch import save_file
 
     from .backbone import load_backbone
@@ -83,46 +96,68 @@ def pretrained_miniature(seed: int = 0, cache_dir: str | Path | None = None, pro
 
     root = Path(cache_dir or default_cache_dir()) / "demo"
     world = build_world(seed, root)
-    key = hashlib.sha256(json.dumps([WORLD_VERSION, PRETRAIN, CAPTION_TEMPLATES, seed, DEMO_MODEL]).encode())
+    key = hashlib.sha256(json.dumps([WORLD_VERSION, settings, CAPTION_TEMPLATES, seed, DEMO_MODEL]).encode())
     ckpt = root / f"miniature-{DEMO_MODEL}-seed{seed}-{key.hexdigest()[:12]}.safetensors"
     info = {"checkpoint": ckpt, "tune": world["tune"], "test": world["test"], "model": DEMO_MODEL, "reused": True,
-            "pretrain_seconds": 0.0}
+            "pretrain_seconds": 0.0, "pretrain_epochs": settings["epochs"]}
     if ckpt.is_file():
         log.info("reusing the pretrained miniature CLIP %s", ckpt)
         return info
     bb = load_backbone(DEMO_MODEL, init_seed=seed)
     tf = bb.test_transform()
     idx = world["pretrain_idx"]
-    x = torch.stack([tf(_render(world["images"][i])) for i in idx])
+    negative = _negative_mask(len(idx), settings["negative_fraction"], seed)
+    x = torch.stack([tf(_render(world["images"][i], neg)) for i, neg in zip(idx, negative)])
     t0 = time.perf_counter()
-    log.info("pretraining the miniature CLIP on %d digit images (%d epochs)...", len(idx), PRETRAIN["epochs"])
+    log.info("pretraining the miniature CLIP on %d digit images (%d epochs)...", len(idx), settings["epochs"])
     history = pretrain_clip(bb.model, bb.tokenizer, x, world["labels"][idx], list(DIGIT_NAMES),
-                            epochs=PRETRAIN["epochs"], batch_size=PRETRAIN["batch_size"], lr=PRETRAIN["lr"],
-                            seed=seed, logit_scale=PRETRAIN["logit_scale"], progress=progress)
+                            epochs=settings["epochs"], batch_size=settings["batch_size"], lr=settings["lr"],
+                            seed=seed, logit_scale=settings["logit_scale"], progress=progress)
     state = {k: v.detach().cpu().contiguous() for k, v in bb.model.state_dict().items()}
     atomic_write(ckpt, lambda tmp: save_file(state, tmp, metadata={"dspt": __version__,
                                                                     "loss_history": json.dumps(history)}))
-    info.update(reused=False, pretrain_seconds=time.perf_counter() - t0, pretrain_loss=history)
+    info.update(reused=False, pretrain_seconds=time.perf_counter() - t0, pretrain_loss=history,
+                pretrain_epochs=settings["epochs"])
     return info
 
 
-def summarise(rows: pd.DataFrame) -> pd.DataFrame:
-    """noise rate x method: test accuracy and memorisation of wrong labels (mean over seeds if several)."""
-    table = rows.pivot_table(index="noise_rate", columns="loss", values=["test_acc", "memorised"], aggfunc="mean")
-    return table
+NAMES = {"ce": "CoOp (ce)", "dspt": "DSPT"}
+
+
+def select_on_validation(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per (noise rate, loss): the learning rate with the best accuracy on the *noisy* validation labels
+    (what a user has); ties go to the smaller rate. Test accuracy plays no part in the choice."""
+    ordered = runs.sort_values(["noise_rate", "loss", "val_acc_given", "lr"], ascending=[True, True, False, True])
+    return ordered.groupby(["noise_rate", "loss"], sort=True).head(1).reset_index(drop=True)
 
 
 def format_table(rows: pd.DataFrame, zeroshot_acc: float, losses: list[str]) -> str:
-    names = {"ce": "CoOp (ce)", "dspt": "DSPT"}
-    head = "| noise | " + " | ".join(f"{names.get(l, l)} acc" for l in losses) + " | " + \
-        " | ".join(f"{names.get(l, l)} memorised" for l in losses) + " | zero-shot |"
-    lines = [head, "|" + "---|" * (2 * len(losses) + 2)]
+    cols = [f"{NAMES.get(l, l)} acc" for l in losses] + [f"{NAMES.get(l, l)} memorised" for l in losses] + \
+        [f"{NAMES.get(l, l)} lr" for l in losses]
+    lines = ["| noise | " + " | ".join(cols) + " | zero-shot |", "|" + "---|" * (len(cols) + 2)]
     for rate in sorted(rows["noise_rate"].unique()):
         sub = rows[rows["noise_rate"] == rate].set_index("loss")
-        accs = [f"{sub.loc[l, 'test_acc']:.1f}" if l in sub.index else "-" for l in losses]
-        mem = [f"{sub.loc[l, 'memorised']:.1f}" if l in sub.index and not np.isnan(sub.loc[l, 'memorised'])
-               else "-" for l in losses]
-        lines.append(f"| {rate:.1f} | " + " | ".join(accs) + " | " + " | ".join(mem) + f" | {zeroshot_acc:.1f} |")
+
+        def cell(loss: str, col: str, fmt: str) -> str:
+            if loss not in sub.index or pd.isna(sub.loc[loss, col]):
+                return "-"
+            return format(sub.loc[loss, col], fmt)
+
+        cells = [cell(l, "test_acc", ".1f") for l in losses] + [cell(l, "memorised", ".1f") for l in losses] + \
+            [cell(l, "lr", "g") for l in losses]
+        lines.append(f"| {rate:.1f} | " + " | ".join(cells) + f" | {zeroshot_acc:.1f} |")
+    return "\n".join(lines)
+
+
+def format_sensitivity(runs: pd.DataFrame, losses: list[str]) -> str:
+    """Test accuracy of every learning rate tried (shown, not used to choose)."""
+    lrs = sorted(runs["lr"].unique())
+    cols = [f"{NAMES.get(l, l)} lr={lr:g}" for l in losses for lr in lrs]
+    lines = ["| noise | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 1)]
+    for rate in sorted(runs["noise_rate"].unique()):
+        sub = runs[runs["noise_rate"] == rate].set_index(["loss", "lr"])["test_acc"]
+        lines.append(f"| {rate:.1f} | " + " | ".join(
+            f"{sub[(l, lr)]:.1f}" if (l, lr) in sub.index else "-" for l in losses for lr in lrs) + " |")
     return "\n".join(lines)
 
 
@@ -153,10 +188,11 @@ def run_demo(
     output: str | Path = "dspt_demo",
     noise_rates: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8),
     losses: tuple[str, ...] = ("ce", "dspt"),
-    epochs: int = 50,
+    epochs: int = 30,
     shots: int = 16,
     views: int = 10,
-    lr: float = 0.002,
+    lrs: tuple[float, ...] = (0.0002, 0.002, 0.02),
+    ctx_init: str | None = "a photo of a",
     model: str | None = None,
     pretrained: str | None = None,
     checkpoint: str | None = None,
@@ -166,8 +202,10 @@ def run_demo(
     device: str = "auto",
     workers: int = 0,
     progress: bool = True,
+    pretrain_epochs: int | None = None,
 ) -> dict[str, Any]:
-    """Zero-shot reference, then every (noise rate, loss) through `dspt.train`; table, plot, results."""
+    """Zero-shot reference, then every (noise rate, loss, lr) through `dspt.train`; each method's lr is
+    chosen per noise rate on validation data; table, rate-sensitivity table, plot, results."""
     from .train import train, zeroshot
 
     t0 = time.perf_counter()
@@ -175,11 +213,11 @@ def run_demo(
     if model is None:
         if data is not None:
             raise ValueError("--data needs a real CLIP: add --model NAME --pretrained TAG (or --checkpoint FILE)")
-        world = pretrained_miniature(seed, cache_dir, progress)
+        world = pretrained_miniature(seed, cache_dir, progress, pretrain_epochs)
         base = dict(model=DEMO_MODEL, pretrained=None, checkpoint=str(world["checkpoint"]), data=str(world["tune"]),
                     test_data=str(world["test"]), template="a photo of a {}.")
-        prior = (f"miniature CLIP ({DEMO_MODEL}, {PRETRAIN['epochs']} epochs of contrastive pretraining on "
-                 f"{'reused checkpoint' if world['reused'] else 'digits'}; not real CLIP)")
+        prior = (f"miniature CLIP ({DEMO_MODEL} contrastively pretrained {world['pretrain_epochs']} epochs on digits, "
+                 f"{PRETRAIN['negative_fraction']:.0%} of them negatives; tuned/tested on negatives; not real CLIP)")
     else:
         if data is None:
             raise ValueError("--model needs --data FOLDER (class sub-folders) to tune and test on")
@@ -187,29 +225,41 @@ def run_demo(
         base = dict(model=model, pretrained=None if checkpoint else pretrained, checkpoint=checkpoint, data=data,
                     test_data=test_data)
         prior = f"{model} {checkpoint or pretrained}"
-    common = dict(base, shots=shots, epochs=epochs, views=views, lr=lr, seed=seed, cache_dir=cache_dir,
-                  device=device, workers=workers, progress=progress, noise="sym",
-                  results=str(out / "results.csv"))
+    common = dict(base, shots=shots, epochs=epochs, views=views, seed=seed, cache_dir=cache_dir, ctx_init=ctx_init,
+                  device=device, workers=workers, progress=progress, noise="sym", results=str(out / "results.csv"))
     zs = zeroshot(RunConfig(**common, output=str(out / "zeroshot")))
-    rows = []
+    runs = []
     for rate in noise_rates:
         for loss in losses:
-            cfg = RunConfig(**common, loss=loss, noise_rate=rate, output=str(out / "runs" / f"{loss}-noise{rate:g}"))
-            m = train(cfg)
-            rows.append({"noise_rate": rate, "loss": loss, "test_acc": m["test_acc"],
-                         "memorised": m["train"]["memorised"], "gain_over_zeroshot": m["gain_over_zeroshot"],
-                         "text_cosine": m["text_cosine"]["final"], "ctx_drift": m["ctx_drift"]})
-            log.info("noise %.1f %-5s test %.1f  memorised %.1f", rate, loss, m["test_acc"], m["train"]["memorised"])
-    table = pd.DataFrame(rows)
-    md = format_table(table, zs["zeroshot_acc"], list(losses))
-    plot(table, zs["zeroshot_acc"], list(losses), out / "accuracy_vs_noise.png",
-         f"{prior}\n{shots}-shot, {epochs} epochs, seed {seed}")
+            for lr in lrs:
+                cfg = RunConfig(**common, loss=loss, noise_rate=rate, lr=lr,
+                                output=str(out / "runs" / f"{loss}-noise{rate:g}-lr{lr:g}"))
+                m = train(cfg)
+                if len(lrs) > 1 and np.isnan(m["val_acc_given"]):
+                    raise ValueError("choosing the learning rate needs validation data: add a val/ folder beside "
+                                     "train/ in --data, or pass a single --lrs value")
+                runs.append({"noise_rate": rate, "loss": loss, "lr": lr, "test_acc": m["test_acc"],
+                             "val_acc_given": m["val_acc_given"], "val_acc": m["val_acc"],
+                             "memorised": m["train"]["memorised"], "gain_over_zeroshot": m["gain_over_zeroshot"],
+                             "text_cosine": m["text_cosine"]["final"], "ctx_drift": m["ctx_drift"]})
+                log.info("noise %.1f %-5s lr %-7g val(noisy) %.1f test %.1f memorised %.1f", rate, loss, lr,
+                         m["val_acc_given"], m["test_acc"], m["train"]["memorised"])
+    runs = pd.DataFrame(runs)
+    chosen = select_on_validation(runs)
+    md = format_table(chosen, zs["zeroshot_acc"], list(losses))
+    sens = format_sensitivity(runs, list(losses)) if len(lrs) > 1 else ""
+    plot(chosen, zs["zeroshot_acc"], list(losses), out / "accuracy_vs_noise.png",
+         f"{prior}\n{shots}-shot, {epochs} epochs, lr chosen on noisy validation labels, seed {seed}")
     seconds = time.perf_counter() - t0
-    atomic_write_text(out / "table.md", f"Prior: {prior}\n\n{md}\n")
-    buf = table.assign(zeroshot_acc=zs["zeroshot_acc"]).to_csv(index=False)
-    atomic_write_text(out / "demo_results.csv", buf)
-    return {"table": md, "rows": table, "zeroshot_acc": zs["zeroshot_acc"], "prior": prior, "seconds": seconds,
-            "output": out, "pretrain_seconds": world["pretrain_seconds"]}
+    setup = (f"Prior: {prior}\nTuning: {shots} shots/class, {epochs} epochs, context init "
+             f"'{ctx_init or 'random'}', sym noise; each method's lr chosen per noise rate from {list(lrs)} on "
+             "noisy validation labels (never on test).")
+    text = f"{setup}\n\n{md}\n" + (f"\nTest accuracy at every lr tried (rate sensitivity):\n\n{sens}\n" if sens else "")
+    atomic_write_text(out / "table.md", text)
+    atomic_write_text(out / "demo_runs.csv", runs.assign(zeroshot_acc=zs["zeroshot_acc"]).to_csv(index=False))
+    return {"table": md, "sensitivity": sens, "setup": setup, "runs": runs, "chosen": chosen,
+            "zeroshot_acc": zs["zeroshot_acc"], "prior": prior, "seconds": seconds, "output": out,
+            "pretrain_seconds": world["pretrain_seconds"]}
 
 
 def add_demo_parser(sub: argparse._SubParsersAction) -> None:
@@ -219,10 +269,12 @@ def add_demo_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", "-o", default="dspt_demo", help="folder for runs, table, plot (default dspt_demo)")
     p.add_argument("--noise-rates", default="0,0.2,0.4,0.6,0.8", help="comma-separated sym noise rates")
     p.add_argument("--losses", default="ce,dspt", help="comma-separated losses to compare")
-    p.add_argument("--epochs", type=int, default=50)
+    p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--shots", type=int, default=16)
     p.add_argument("--views", type=int, default=10)
-    p.add_argument("--lr", type=float, default=0.002)
+    p.add_argument("--lrs", default="0.0002,0.002,0.02",
+                   help="learning rates tried per method; the one best on noisy validation labels is reported")
+    p.add_argument("--ctx-init", default="a photo of a", help="context init phrase ('' for random N(0, 0.02))")
     p.add_argument("--model", help="real CLIP instead of the miniature, e.g. ViT-B-32 (needs --data)")
     p.add_argument("--pretrained", default="openai")
     p.add_argument("--checkpoint")
@@ -239,11 +291,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     res = run_demo(seed=args.seed, output=args.output,
                    noise_rates=tuple(float(r) for r in args.noise_rates.split(",")),
                    losses=tuple(args.losses.split(",")), epochs=args.epochs, shots=args.shots, views=args.views,
-                   lr=args.lr, model=args.model, pretrained=args.pretrained, checkpoint=args.checkpoint,
+                   lrs=tuple(float(v) for v in args.lrs.split(",")), ctx_init=args.ctx_init or None,
+                   model=args.model, pretrained=args.pretrained, checkpoint=args.checkpoint,
                    data=args.data, test_data=args.test_data, cache_dir=args.cache_dir, device=args.device,
                    workers=args.workers, progress=not args.no_progress)
-    print(f"Prior: {res['prior']}")
+    print(res["setup"])
+    print()
     print(res["table"])
+    if res["sensitivity"]:
+        print("\nTest accuracy at every lr tried (rate sensitivity, not used to choose):")
+        print(res["sensitivity"])
     out = res["output"]
     print(f"\nplot: {out / 'accuracy_vs_noise.png'}  table: {out / 'table.md'}  results: {out / 'results.csv'}")
     print(f"wall time {res['seconds']:.0f} s (pretraining {res['pretrain_seconds']:.0f} s)")

@@ -18,12 +18,12 @@ from tqdm.auto import tqdm
 log = logging.getLogger(__name__)
 
 CAPTION_TEMPLATES = (
-    "a photo of a {}.",
-    "a picture of the number {}.",
-    "the digit {}.",
+    "{}.",
+    "the number {}.",
+    "{} written by hand.",
+    "digit {}.",
     "a handwritten {}.",
-    "an image of a {}.",
-    "a drawing of the digit {}.",
+    "an image of the digit {}.",
 )
 
 

@@ -77,6 +77,9 @@ class Prepared:
     train_feats: torch.Tensor  # [V+1, N, E] on the device
     test_feats: torch.Tensor  # [N_test, E] on the device
     cache: dict[str, Any]
+    val: ImageDataset | None = None
+    val_feats: torch.Tensor | None = None  # [N_val, E] on the device
+    val_given: np.ndarray | None = None  # validation labels as a user would have them (noisy for sym/pair)
 
 
 def _drop_bad(ds: ImageDataset, skip: bool, what: str) -> tuple[ImageDataset, int]:
@@ -125,8 +128,24 @@ def prepare(cfg: RunConfig, run_dir: Path | None = None) -> Prepared:
     cache = {"train_hit": tr.hit, "test_hit": te.hit, "seconds": time.perf_counter() - t0,
              "train_file": str(tr.path), "test_file": str(te.path),
              "skipped_images": skipped_train + skipped_test}
-    return Prepared(cfg, backbone, train, test, labels, tr.features.to(backbone.device),
-                    te.features[0].to(backbone.device), cache)
+    p = Prepared(cfg, backbone, train, test, labels, tr.features.to(backbone.device),
+                 te.features[0].to(backbone.device), cache)
+    if splits.val is not None and len(splits.val):
+        # Hyperparameters are chosen on validation data, never on test. A user's validation labels are as
+        # noisy as the training labels, so label-flip protocols corrupt them too (same rate, same seed).
+        p.val, _ = _drop_bad(splits.val, cfg.skip_bad_images, "validation")
+        va = cached_features(backbone, p.val, "val", 0, cfg.seed, cfg.cache_dir, workers=cfg.workers)
+        p.val_feats = va.features[0].to(backbone.device)
+        val_labels = make_noisy_labels(p.val.labels, p.val.num_classes, cfg.noise if cfg.noise in VAL_NOISE
+                                       else "none", cfg.noise_rate if cfg.noise in VAL_NOISE else 0.0, cfg.seed)
+        p.val_given = val_labels.given
+        if run_dir is not None:
+            val_labels.save(run_dir / "val_noisy_labels.csv")
+    return p
+
+
+#: Protocols that flip labels independently of the sampling, so they apply to validation labels as well.
+VAL_NOISE = ("sym", "pair")
 
 
 def zeroshot_text_features(backbone: Backbone, classnames: list[str], template: str) -> torch.Tensor:
@@ -405,8 +424,11 @@ def evaluate(p: Prepared, clf: PromptClassifier, zs_pred: np.ndarray, ctx0: torc
     train_pred = predict(p.train_feats[0], text)
     zs = accuracy(zs_pred, p.test.labels)
     test_acc = accuracy(pred, p.test.labels)
+    val_pred = predict(p.val_feats, text) if p.val_feats is not None else None
     return {
         "test_acc": test_acc,
+        "val_acc_given": accuracy(val_pred, p.val_given) if val_pred is not None else float("nan"),
+        "val_acc": accuracy(val_pred, p.val.labels) if val_pred is not None else float("nan"),
         "zeroshot_acc": zs,
         "gain_over_zeroshot": test_acc - zs,
         "per_class_acc": per_class_accuracy(pred, p.test.labels, p.test.classnames),
@@ -427,7 +449,8 @@ def result_row(cfg: RunConfig, metrics: dict[str, Any], run_dir: Path) -> dict[s
         "model": cfg.model, "weights": cfg.checkpoint or cfg.pretrained or "random", "loss": cfg.loss,
         "noise": cfg.noise, "noise_rate": cfg.noise_rate, "realised_rate": metrics["noise"]["realised_rate"],
         "shots": cfg.shots, "seed": cfg.seed, "epochs": cfg.epochs, "lr": cfg.lr, "path": cfg.path,
-        "test_acc": metrics["test_acc"], "zeroshot_acc": metrics["zeroshot_acc"],
+        "test_acc": metrics["test_acc"], "val_acc_given": metrics.get("val_acc_given", float("nan")),
+        "val_acc": metrics.get("val_acc", float("nan")), "zeroshot_acc": metrics["zeroshot_acc"],
         "gain_over_zeroshot": metrics["gain_over_zeroshot"], "memorised": metrics["train"]["memorised"],
         "corrected": metrics["train"]["corrected"], "clean_fit": metrics["train"]["clean_fit"],
         "text_cosine": metrics["text_cosine"]["final"], "ctx_drift": metrics["ctx_drift"],
