@@ -248,8 +248,9 @@ def run_demo(
     chosen = select_on_validation(runs)
     md = format_table(chosen, zs["zeroshot_acc"], list(losses))
     sens = format_sensitivity(runs, list(losses)) if len(lrs) > 1 else ""
+    short = "miniature CLIP on digits (not real CLIP)" if model is None else prior
     plot(chosen, zs["zeroshot_acc"], list(losses), out / "accuracy_vs_noise.png",
-         f"{prior}\n{shots}-shot, {epochs} epochs, lr chosen on noisy validation labels, seed {seed}")
+         f"{short}\n{shots}-shot, {epochs} epochs, lr chosen on noisy validation labels, seed {seed}")
     seconds = time.perf_counter() - t0
     setup = (f"Prior: {prior}\nTuning: {shots} shots/class, {epochs} epochs, context init "
              f"'{ctx_init or 'random'}', sym noise; each method's lr chosen per noise rate from {list(lrs)} on "
