@@ -89,8 +89,6 @@ def _sync(device) -> None:
 
 def text_tower_seconds(run_dir: Path, cfg, reps: int) -> dict:
     """Forward+backward (w.r.t. the context) of the text tower over the C class prompts, per variant."""
-    import torch
-
     from dspt.backbone import load_backbone
     from dspt.prompt import PromptClassifier
     from dspt.train import load_prompt

@@ -10,6 +10,50 @@ import pytest
 from PIL import Image
 
 
+@pytest.fixture(scope="session", autouse=True)
+def offline_one_thread():
+    """No test reaches the network (local AF_UNIX sockets stay usable); one torch thread, so parallel
+    processes on a small machine do not oversubscribe its cores."""
+    import socket
+
+    import torch
+
+    connect = socket.socket.connect
+
+    def guarded_connect(self, address, *a, **k):
+        if self.family == getattr(socket, "AF_UNIX", None):
+            return connect(self, address, *a, **k)
+        raise OSError(f"a dspt test tried to reach the network: {address!r}")
+
+    def no_lookup(*a, **k):
+        raise OSError(f"a dspt test tried to resolve a host name: {a[:1]!r}")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(socket.socket, "connect", guarded_connect)
+        mp.setattr(socket, "getaddrinfo", no_lookup)
+        mp.setattr(socket, "create_connection", no_lookup)
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    """3 classes x 8 images of 16x16: each class its own colour range, so training moves test accuracy."""
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(["cat", "dog", "car"]):
+        (root / name).mkdir()
+        for i in range(8):
+            pixels = (rng.random((16, 16, 3)) * 80 + c * 80).astype(np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
+    return root
+
+
 def shared_data_dir() -> Path:
     """../shared/data beside the repository, or $DSPT_SHARED_DATA."""
     env = os.environ.get("DSPT_SHARED_DATA")

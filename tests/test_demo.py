@@ -1,7 +1,6 @@
 """A shortened `dspt demo`: the table, the plot and the results file are produced; the prior is reused."""
 import csv
 
-import pytest
 
 from dspt.cli import main
 from dspt.demo import _split_digits, select_on_validation

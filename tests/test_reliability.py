@@ -23,12 +23,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 import torch
 import yaml
-from PIL import Image
 
 from dspt import cli
 from dspt.config import RunConfig
@@ -56,47 +54,6 @@ class Crash(BaseException):
 
 
 # ------------------------------------------------------------------------------------------- fixtures
-
-@pytest.fixture(scope="module", autouse=True)
-def offline_one_thread():
-    """No network in this process (local AF_UNIX sockets stay usable) and one torch thread."""
-    import socket
-
-    connect = socket.socket.connect
-
-    def guarded_connect(self, address, *a, **k):
-        if self.family == getattr(socket, "AF_UNIX", None):
-            return connect(self, address, *a, **k)
-        raise OSError(f"a dspt test tried to reach the network: {address!r}")
-
-    def no_lookup(*a, **k):
-        raise OSError(f"a dspt test tried to resolve a host name: {a[:1]!r}")
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(socket.socket, "connect", guarded_connect)
-        mp.setattr(socket, "getaddrinfo", no_lookup)
-        mp.setattr(socket, "create_connection", no_lookup)
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory) -> Path:
-    """3 classes x 8 images of 16x16: each class its own colour range, so training moves test accuracy."""
-    root = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for c, name in enumerate(["cat", "dog", "car"]):
-        (root / name).mkdir()
-        for i in range(8):
-            pixels = (rng.random((16, 16, 3)) * 80 + c * 80).astype(np.uint8)
-            Image.fromarray(pixels).save(root / name / f"{i}.png")
-    return root
-
 
 def options(images: Path, out: Path, cache: Path, **over) -> dict:
     opts = dict(data=images, model="dspt-tiny", pretrained="none", shots=4, views=2, n_ctx=4, batch_size=2,

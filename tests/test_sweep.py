@@ -8,55 +8,15 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import socket
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
-import torch
 import yaml
-from PIL import Image
 
 from dspt import cli
 from dspt.config import ConfigError
 from dspt.sweep import cell_name, expand, list_cells, run_sweep
-
-
-@pytest.fixture(scope="module", autouse=True)
-def offline_one_thread():
-    connect = socket.socket.connect
-
-    def guarded_connect(self, address, *a, **k):
-        if self.family == getattr(socket, "AF_UNIX", None):
-            return connect(self, address, *a, **k)
-        raise OSError(f"a dspt test tried to reach the network: {address!r}")
-
-    def no_lookup(*a, **k):
-        raise OSError(f"a dspt test tried to resolve a host name: {a[:1]!r}")
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(socket.socket, "connect", guarded_connect)
-        mp.setattr(socket, "getaddrinfo", no_lookup)
-        mp.setattr(socket, "create_connection", no_lookup)
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    for c, name in enumerate(["cat", "dog", "car"]):
-        (root / name).mkdir()
-        for i in range(8):
-            Image.fromarray((rng.random((16, 16, 3)) * 80 + c * 80).astype(np.uint8)).save(root / name / f"{i}.png")
-    return root
 
 
 def base(images: Path, tmp: Path, **over) -> dict:

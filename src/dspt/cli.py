@@ -5,9 +5,7 @@ import argparse
 import dataclasses
 import json
 import logging
-import os
 import sys
-from pathlib import Path
 from typing import Any, Callable
 
 from . import __version__

@@ -26,8 +26,8 @@ from tqdm.auto import tqdm
 from . import __version__
 from .backbone import Backbone, load_backbone
 from .config import ConfigError, RunConfig
-from .data import DataError, DataSplits, ImageDataset, find_bad_images, load_data
-from .features import cached_features, encode_paths
+from .data import DataSplits, ImageDataset, find_bad_images, load_data
+from .features import cached_features
 from .io import (LockBusy, append_jsonl, atomic_write, atomic_write_json, atomic_write_text, process_lock, read_json,
                  read_jsonl)
 from .losses import get_loss

@@ -91,6 +91,22 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     return default_cache_dir()
 
 
+def read_name_file(path: str | os.PathLike, fix: str) -> tuple[str, object | None]:
+    """(text, parsed JSON or None) of a class-name file, or a DataError naming the file and `fix`."""
+    import json
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"class-name file '{path}' not found; {fix}")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() != ".json":
+        return text, None
+    try:
+        return text, json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"class-name file '{path}' is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+
+
 def load_image(path: str) -> Image.Image:
     """RGB image, or a DataError naming the file."""
     try:

@@ -1,26 +1,18 @@
 """Image folders: one sub-folder per class; an optional JSON/TXT map from folder name to class name."""
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import numpy as np
 
-from .base import DataError, ImageDataset, is_image, natural_key
+from .base import DataError, ImageDataset, is_image, natural_key, read_name_file
 
 
 def read_classname_map(path: str | os.PathLike) -> dict[str, str]:
     """JSON {"folder": "name"} or TXT lines "folder name with spaces"."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"class-name file '{path}' not found; pass a JSON {{folder: name}} or TXT 'folder name' file")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix.lower() == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"class-name file '{path}' is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    text, data = read_name_file(path, "pass a JSON {folder: name} or TXT 'folder name' file")
+    if data is not None:
         if not isinstance(data, dict):
             raise DataError(f"class-name file '{path}' must hold a JSON object {{folder: name}}")
         return {str(k): str(v) for k, v in data.items()}

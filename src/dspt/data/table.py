@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import os
 from pathlib import Path
 
 import numpy as np
 
-from .base import DataError, ImageDataset, natural_key
+from .base import DataError, ImageDataset, natural_key, read_name_file
 from .registry import DataSplits, register_dataset
 from .sampling import stratified_split
 
@@ -35,15 +34,8 @@ SPLIT_NAMES = {"train": "train", "training": "train", "val": "val", "valid": "va
 
 def read_class_list(path: str | os.PathLike) -> list[str]:
     """Class names by index: TXT (one per line), JSON list, or JSON {index: name}."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"class-name file '{path}' not found; pass a TXT file with one class name per line")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix.lower() == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"class-name file '{path}' is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    text, data = read_name_file(path, "pass a TXT file with one class name per line")
+    if data is not None:
         if isinstance(data, list):
             return [str(x) for x in data]
         if isinstance(data, dict) and all(str(k).lstrip("-").isdigit() for k in data):
