@@ -14,7 +14,6 @@ import contextlib
 import errno
 import io
 import json
-import logging
 import os
 import shutil
 import signal
@@ -29,6 +28,8 @@ import torch
 import yaml
 
 from dspt import cli
+
+from clirun import run_cli
 from dspt.config import RunConfig
 from dspt.io import process_lock, read_jsonl, stray_temp_files
 
@@ -72,22 +73,6 @@ def argv(opts: dict) -> list[str]:
     return args
 
 
-def run_cli(args: list[str]) -> tuple[int, str]:
-    """`dspt ARGS` in this process: (exit code, stderr)."""
-    logger = logging.getLogger("dspt")
-    saved = logger.handlers[:], logger.level, logger.propagate
-    err = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-            try:
-                code = cli.main(args)
-            except SystemExit as exc:
-                code = exc.code
-    finally:
-        logger.handlers[:], logger.level, logger.propagate = saved
-    return code, err.getvalue()
-
-
 def env(tmp: Path) -> dict:
     e = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1",
              DSPT_CACHE=str(tmp / "default-cache"))
@@ -128,7 +113,7 @@ def stable(run: Path) -> str:
 
 
 def train_in_process(opts: dict) -> Path:
-    code, err = run_cli(argv(opts))
+    code, _, err = run_cli(argv(opts))
     assert code == 0, err
     return Path(opts["output"])
 
@@ -162,7 +147,7 @@ def test_sigkill_mid_run_then_resume_gives_identical_metrics(images, tmp_path):
     assert 0 <= killed_at < 19, "the kill must land mid-run"
     assert not results_rows(tmp_path / "results.csv")["run_id"].size
 
-    code, err = run_cli(argv(opts))  # `dspt train` on the run folder resumes it
+    code, _, err = run_cli(argv(opts))  # `dspt train` on the run folder resumes it
     assert code == 0, err
     starts = [r for r in read_jsonl(run / "log.jsonl") if r["event"] == "start"]
     assert [s["epoch"] for s in starts] == [0, killed_at + 1]
@@ -266,7 +251,7 @@ F.save_file = _half_then_wait
     assert len(stray) == 1 and Path(mark.read_text()) == stray[0]
     assert not list((cache / "features").glob("*.safetensors")), "only the temp file may exist"
 
-    code, err = run_cli(argv(opts))
+    code, _, err = run_cli(argv(opts))
     assert code == 0, err
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["cache_hit"] == {"train": False, "test": False}
@@ -293,13 +278,13 @@ def test_truncated_or_garbage_cache_is_rebuilt_never_read(images, tmp_path, refe
     test_file.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage")
     (cache / "features" / f".{train_file.name}.x1y2z3.tmp").write_bytes(b"left by a kill")
 
-    code, err = run_cli(argv(options(images, tmp_path / "run", cache)))
+    code, _, err = run_cli(argv(options(images, tmp_path / "run", cache)))
     assert code == 0, err
     assert "rebuilding" in err
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["cache_hit"] == {"train": False, "test": False}
     assert stable(tmp_path / "run") == stable(reference)
-    code, err = run_cli(argv(options(images, tmp_path / "again", cache)))  # the rebuilt files are good
+    code, _, err = run_cli(argv(options(images, tmp_path / "again", cache)))  # the rebuilt files are good
     assert code == 0 and json.loads((tmp_path / "again" / "metrics.json").read_text())["cache_hit"] == {
         "train": True, "test": True}
 
@@ -308,7 +293,7 @@ def test_truncated_or_garbage_cache_is_rebuilt_never_read(images, tmp_path, refe
 
 def test_non_finite_loss_stops_keeps_last_good_checkpoint(images, tmp_path):
     run = tmp_path / "run"
-    code, err = run_cli(argv(options(images, run, tmp_path / "cache", lr=1e30)))
+    code, _, err = run_cli(argv(options(images, run, tmp_path / "cache", lr=1e30)))
     assert code == 3
     line = _error_line(err)
     assert "non-finite" in line and "lower --lr" in line and "checkpoint (epoch 1) is kept" in line
@@ -317,7 +302,7 @@ def test_non_finite_loss_stops_keeps_last_good_checkpoint(images, tmp_path):
     assert not (run / "metrics.json").exists() and not (run / "prompt.safetensors").exists()
     assert not (tmp_path / "results.csv").exists()
 
-    code, err = run_cli(argv(options(images, tmp_path / "nowarm", tmp_path / "cache", lr=1e30, warmup_epochs=0)))
+    code, _, err = run_cli(argv(options(images, tmp_path / "nowarm", tmp_path / "cache", lr=1e30, warmup_epochs=0)))
     assert code == 3 and "nothing was kept" in _error_line(err)
     assert not (tmp_path / "nowarm").exists()
 
@@ -387,7 +372,7 @@ def test_bad_input_one_line_error_and_nothing_written(images, tmp_path, monkeypa
     opts = options(images, tmp_path / "runs" / "run", tmp_path / "cache", **change)
     if "checkpoint" in change:
         opts.pop("pretrained")
-    got, err = run_cli(argv(opts))
+    got, _, err = run_cli(argv(opts))
     assert got == code, err
     line = _error_line(err)
     for word in words:
@@ -401,7 +386,7 @@ def test_output_folder_of_a_different_run(images, tmp_path, reference):
     run = tmp_path / "run"
     shutil.copytree(reference, run)
     before = {p.name: p.read_bytes() for p in run.iterdir()}
-    code, err = run_cli(argv(options(images, run, tmp_path / "cache", seed=2)))
+    code, _, err = run_cli(argv(options(images, run, tmp_path / "cache", seed=2)))
     assert code == 3
     line = _error_line(err)
     assert "holds a different run" in line and "seed" in line and "--output" in line
@@ -410,10 +395,10 @@ def test_output_folder_of_a_different_run(images, tmp_path, reference):
 
     (tmp_path / "notrun").mkdir()
     (tmp_path / "notrun" / "config.yaml").write_text("- just\n- a list\n")
-    code, err = run_cli(argv(options(images, tmp_path / "notrun", tmp_path / "cache")))
+    code, _, err = run_cli(argv(options(images, tmp_path / "notrun", tmp_path / "cache")))
     assert code == 3 and "is not a dspt run config" in _error_line(err)
     (tmp_path / "afile").write_text("x")
-    code, err = run_cli(argv(options(images, tmp_path / "afile", tmp_path / "cache")))
+    code, _, err = run_cli(argv(options(images, tmp_path / "afile", tmp_path / "cache")))
     assert code == 3 and "is a file" in _error_line(err)
 
 
@@ -422,7 +407,7 @@ def test_run_folder_in_use_by_another_process(images, tmp_path):
 
     run = tmp_path / "run"
     with process_lock(run_lock_path(run)):
-        code, err = run_cli(argv(options(images, run, tmp_path / "cache")))
+        code, _, err = run_cli(argv(options(images, run, tmp_path / "cache")))
     assert code == 3 and "in use by another dspt process" in _error_line(err)
     assert not run.exists()
 
@@ -448,7 +433,7 @@ def test_disk_full_writing_checkpoint_keeps_last_good_then_resumes(images, tmp_p
 
     monkeypatch.setattr(torch, "save", save)
     run = tmp_path / "run"
-    code, err = run_cli(argv(options(images, run, tmp_path / "cache")))
+    code, _, err = run_cli(argv(options(images, run, tmp_path / "cache")))
     monkeypatch.undo()
     assert code == 2
     line = _error_line(err)
@@ -469,7 +454,7 @@ def test_disk_full_writing_feature_cache(images, tmp_path, monkeypatch):
         raise _enospc(filename)
 
     monkeypatch.setattr(F, "save_file", save_file)
-    code, err = run_cli(argv(options(images, tmp_path / "run", tmp_path / "cache")))
+    code, _, err = run_cli(argv(options(images, tmp_path / "run", tmp_path / "cache")))
     assert code == 2 and "disk full" in _error_line(err)
     assert not list((tmp_path / "cache").rglob("*.safetensors")) and not stray_temp_files(tmp_path / "cache")
     assert not (tmp_path / "run").exists()
@@ -483,7 +468,7 @@ def test_disk_full_writing_results_row(images, tmp_path, reference, monkeypatch)
     real = R.atomic_write_text
     monkeypatch.setattr(R, "atomic_write_text", lambda path, text: (_ for _ in ()).throw(_enospc(path)))
     opts = options(images, tmp_path / "run", tmp_path / "cache")
-    code, err = run_cli(argv(opts))
+    code, _, err = run_cli(argv(opts))
     assert code == 2 and "disk full" in _error_line(err)
     monkeypatch.setattr(R, "atomic_write_text", real)
     assert not (tmp_path / "results.csv").exists()

@@ -5,16 +5,14 @@ torch thread, no network.
 """
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
 
-from dspt import cli
+
+from clirun import run_cli
 from dspt.config import ConfigError
 from dspt.sweep import cell_name, expand, list_cells, run_sweep
 
@@ -25,21 +23,6 @@ def base(images: Path, tmp: Path, **over) -> dict:
             "output": str(tmp / "sweep")}
     spec.update(over)
     return spec
-
-
-def run_cli(args: list[str]) -> tuple[int, str, str]:
-    logger = logging.getLogger("dspt")
-    saved = logger.handlers[:], logger.level, logger.propagate
-    out, err = io.StringIO(), io.StringIO()
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                code = cli.main(args)
-            except SystemExit as exc:
-                code = exc.code
-    finally:
-        logger.handlers[:], logger.level, logger.propagate = saved
-    return code, out.getvalue(), err.getvalue()
 
 
 def error_line(err: str) -> str:
