@@ -52,3 +52,29 @@ def test_errors_name_the_fix(tmp_path):
     save_file({"weight": torch.zeros(3)}, str(other))
     with pytest.raises(BackboneError, match="not a CLIP checkpoint"):
         load_backbone("dspt-tiny", checkpoint=other)
+
+
+def test_uncached_pretrained_weights_fail_fast_offline():
+    """No network in tests (conftest): an uncached tag fails on the reachability probe, naming the fix,
+    instead of going through the hub client's download retries."""
+    with pytest.raises(BackboneError, match="not in the local cache and huggingface.co cannot be reached.*--checkpoint"):
+        load_backbone("RN50", "openai")
+
+
+def test_cached_pretrained_weights_load_without_the_network(monkeypatch):
+    """Weights in the local cache load with the hub client in offline mode (no request at all)."""
+    import open_clip
+    from huggingface_hub import constants
+
+    seen = []
+    real_create = open_clip.create_model
+
+    def fake_create(name, pretrained=None, device="cpu"):
+        seen.append(constants.HF_HUB_OFFLINE)
+        if not constants.HF_HUB_OFFLINE:
+            raise AssertionError("went online although the weights were cached")
+        return real_create("dspt-tiny", pretrained=None)
+
+    monkeypatch.setattr(open_clip, "create_model", fake_create)
+    bb = load_backbone("RN50", "openai")
+    assert seen == [True] and bb.weights_id == "openai"

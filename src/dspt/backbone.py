@@ -9,9 +9,11 @@ import contextlib
 import hashlib
 import logging
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
+from urllib.parse import urlparse
 
 import torch
 from torchvision import transforms as T
@@ -122,6 +124,55 @@ def _check_model_name(model_name: str) -> None:
         )
 
 
+@contextlib.contextmanager
+def _quiet_offline_hub() -> Iterator[None]:
+    """huggingface_hub reads only its local cache, and open_clip's failure logs stay silent."""
+    from huggingface_hub import constants
+
+    was = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    logging.disable(logging.ERROR)
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = was
+        logging.disable(logging.NOTSET)
+
+
+def _hub_host(model_name: str, tag: str) -> str:
+    cfg = open_clip.get_pretrained_cfg(model_name, tag) or {}
+    url = os.environ.get("HF_ENDPOINT", "https://huggingface.co") if cfg.get("hf_hub") else cfg.get("url", "")
+    return urlparse(url).hostname or "the model hub"
+
+
+def _reachable(host: str, timeout: float = 3.0) -> bool:
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _create_pretrained(model_name: str, tag: str) -> torch.nn.Module:
+    """The local cache first (instant, and all an offline machine has); then the hub, if it answers at all:
+    an unreachable hub fails in seconds with the fix instead of a minute of download retries."""
+    try:
+        with _quiet_offline_hub():
+            return open_clip.create_model(model_name, pretrained=tag, device="cpu")
+    except Exception:
+        pass
+    host = _hub_host(model_name, tag)
+    if not _reachable(host):
+        raise BackboneError(f"'{model_name}' weights '{tag}' are not in the local cache and {host} cannot be "
+                            "reached; download them once on a machine with internet (open_clip caches them), "
+                            "or pass --checkpoint FILE")
+    try:
+        return open_clip.create_model(model_name, pretrained=tag, device="cpu")
+    except Exception as exc:
+        raise BackboneError(f"could not download '{model_name}' weights '{tag}' from {host} "
+                            f"({type(exc).__name__}); retry, or pass --checkpoint FILE") from exc
+
+
 def load_backbone(
     model_name: str,
     pretrained: str | None = None,
@@ -161,15 +212,10 @@ def load_backbone(
         if not model_name.startswith(("hf-hub:", "local-dir:")) and pretrained not in tags:
             raise BackboneError(
                 f"unknown pretrained tag '{pretrained}' for model '{model_name}'; "
-                f"choose one of: {', '.join(tags) or '(none: use --checkpoint FILE)'}"
+                + (f"choose one of: {', '.join(tags)}" if tags else
+                   "it has no pretrained weights: pass --pretrained none (random weights) or --checkpoint FILE")
             )
-        try:
-            model = open_clip.create_model(model_name, pretrained=pretrained, device="cpu")
-        except Exception as exc:
-            raise BackboneError(
-                f"could not load '{model_name}' weights '{pretrained}' ({type(exc).__name__}); "
-                "this needs internet access to the model hub once, or pass --checkpoint FILE"
-            ) from exc
+        model = _create_pretrained(model_name, pretrained)
         weights_id = pretrained
     else:
         with torch.random.fork_rng(devices=[]):
