@@ -78,3 +78,20 @@ def test_cached_pretrained_weights_load_without_the_network(monkeypatch):
     monkeypatch.setattr(open_clip, "create_model", fake_create)
     bb = load_backbone("RN50", "openai")
     assert seen == [True] and bb.weights_id == "openai"
+
+
+def test_view_augmentation_options_reach_transform_and_cache_key(tmp_path):
+    """crop_scale / hflip change the training views, so they must change the feature-cache key."""
+    from dspt.data import ImageDataset
+    from dspt.features import cache_key
+
+    bb = load_backbone("dspt-tiny")
+    ds = ImageDataset(paths=[str(tmp_path / "a.png")], labels=[0], classnames=["a", "b"])
+    default = cache_key(bb, ds, "train", views=2, seed=0)
+    crop, flip = bb.train_transform().transforms[:2]
+    assert crop.scale == (0.08, 1.0) and flip.p == 0.5  # CoOp's protocol by default
+    bb.crop_scale, bb.hflip = 0.8, False
+    crop, flip = bb.train_transform().transforms[:2]
+    assert crop.scale == (0.8, 1.0) and flip.p == 0.0
+    assert cache_key(bb, ds, "train", views=2, seed=0) != default
+    assert cache_key(bb, ds, "test", views=0, seed=0) == cache_key(load_backbone("dspt-tiny"), ds, "test", 0, 0)

@@ -46,6 +46,8 @@ class Backbone:
     std: tuple[float, ...]
     device: torch.device
     precision: str = "fp32"
+    crop_scale: float = 0.08  # smallest area fraction of the training crop (CoOp: 0.08)
+    hflip: bool = True  # CoOp flips; digits, text and other handed images must not be flipped
 
     @property
     def text(self) -> torch.nn.Module:
@@ -72,10 +74,11 @@ class Backbone:
         ])
 
     def train_transform(self) -> Callable:
-        """CoOp's training augmentation: random-resized-crop (scale 0.08-1) + horizontal flip."""
+        """CoOp's training augmentation: random-resized-crop (area `crop_scale`-1) + horizontal flip."""
         return T.Compose([
-            T.RandomResizedCrop(self.image_size, scale=(0.08, 1.0), interpolation=T.InterpolationMode.BICUBIC),
-            T.RandomHorizontalFlip(),
+            T.RandomResizedCrop(self.image_size, scale=(self.crop_scale, 1.0),
+                                interpolation=T.InterpolationMode.BICUBIC),
+            T.RandomHorizontalFlip(p=0.5 if self.hflip else 0.0),
             T.ToTensor(),
             T.Normalize(self.mean, self.std),
         ])

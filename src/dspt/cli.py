@@ -84,6 +84,10 @@ def add_run_options(p: argparse.ArgumentParser, defaults: RunConfig | None = Non
     g.add_argument("--warmup-epochs", type=int, default=d.warmup_epochs)
     g.add_argument("--warmup-lr", type=float, default=d.warmup_lr)
     g.add_argument("--views", type=int, default=d.views, help="cached augmented views per training image")
+    g.add_argument("--crop-scale", type=float, default=d.crop_scale,
+                   help="smallest area fraction of the training crop (CoOp: 0.08; raise it for tiny images)")
+    g.add_argument("--no-hflip", dest="hflip", action="store_false",
+                   help="no horizontal flips in the training views (for digits, text, other handed images)")
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--path", default=d.path, choices=["fast", "reference"],
                    help="fast: cached features; reference: CoOp's online computation (for comparison)")

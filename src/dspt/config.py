@@ -69,6 +69,8 @@ class RunConfig:
     warmup_epochs: int = 1
     warmup_lr: float = 1e-5
     views: int = 10
+    crop_scale: float = 0.08  # smallest area of the random-resized crop of the cached training views
+    hflip: bool = True  # random horizontal flip of the training views (CoOp: on)
     seed: int = 1
     path: str = "fast"  # "fast": cached features + truncated prompts; "reference": CoOp's online computation
     # execution
@@ -156,7 +158,8 @@ class RunConfig:
                   ("batch_size", self.batch_size >= 1, ">= 1"), ("lr", self.lr > 0, "> 0"),
                   ("views", self.views >= 0, ">= 0"), ("n_ctx", self.n_ctx >= 1, ">= 1"),
                   ("warmup_epochs", self.warmup_epochs >= 0, ">= 0"), ("weight_decay", self.weight_decay >= 0, ">= 0"),
-                  ("test_fraction", 0 < self.test_fraction < 1, "inside (0, 1)"), ("seed", self.seed >= 0, ">= 0")]
+                  ("test_fraction", 0 < self.test_fraction < 1, "inside (0, 1)"), ("seed", self.seed >= 0, ">= 0"),
+                  ("crop_scale", 0 < self.crop_scale <= 1, "inside (0, 1]")]
         for name, ok, rule in checks:
             if not ok:
                 raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)} is invalid; it must be {rule}")

@@ -121,6 +121,7 @@ def prepare(cfg: RunConfig, run_dir: Path | None = None) -> Prepared:
         atomic_write_json(run_dir / "dataset.json", sel.info | {"skipped_images": skipped_train + skipped_test})
 
     backbone = load_backbone(cfg.model, cfg.pretrained, cfg.checkpoint, cfg.device, cfg.precision)
+    backbone.crop_scale, backbone.hflip = cfg.crop_scale, cfg.hflip
     views = cfg.views if cfg.path == "fast" else 0
     t0 = time.perf_counter()
     tr = cached_features(backbone, train, "train", views, cfg.seed, cfg.cache_dir, workers=cfg.workers)
