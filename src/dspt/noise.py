@@ -15,17 +15,17 @@ replacement, so the realised rate is the requested one up to 1/(2N).
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+
+from .io import atomic_write_text
 
 __all__ = [
     "NoisyLabels",
@@ -214,8 +214,8 @@ class NoisyLabels:
         lines = [",".join(_CSV_HEADER)]
         lines += [f"{i},{t},{g},{f}" for i, (t, g, f) in
                   enumerate(zip(self.true.tolist(), self.given.tolist(), noisy.tolist()))]
-        _atomic_write(path, "\n".join(lines) + "\n")
-        _atomic_write(meta_path, json.dumps(self._meta(), indent=2) + "\n")
+        atomic_write_text(path, "\n".join(lines) + "\n")
+        atomic_write_text(meta_path, json.dumps(self._meta(), indent=2) + "\n")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "NoisyLabels":
@@ -249,20 +249,6 @@ class NoisyLabels:
             raise ValueError(f"{path} and {meta_path.name} disagree (n / n_noisy); "
                              "the pair is stale or was edited by hand")
         return out
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 # --------------------------------------------------------------------------------------------
