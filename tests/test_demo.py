@@ -33,7 +33,7 @@ def test_lr_is_chosen_on_noisy_validation_never_test():
 
 def test_short_demo_writes_table_plot_results(tmp_path, capsys):
     args = ["demo", "--output", str(tmp_path / "demo"), "--cache-dir", str(tmp_path / "cache"), "--epochs", "2",
-            "--views", "1", "--noise-rates", "0,0.6", "--lrs", "0.002,0.02", "--no-progress"]
+            "--views", "1", "--noise-rates", "0,0.6", "--lrs", "0.002,0.02", "--no-progress", "--jobs", "2"]
     from dspt import demo
 
     orig = demo.PRETRAIN["epochs"]
@@ -43,6 +43,9 @@ def test_short_demo_writes_table_plot_results(tmp_path, capsys):
         first = capsys.readouterr().out
         assert main(args) == 0  # everything reused: prior, features, finished runs
         second = capsys.readouterr().out
+        inline = args[:2] + [str(tmp_path / "inline")] + args[3:]
+        assert main(inline + ["--jobs", "1"]) == 0  # every run in this process, one after the other
+        third = capsys.readouterr().out
     finally:
         demo.PRETRAIN["epochs"] = orig
     out = tmp_path / "demo"
@@ -53,4 +56,6 @@ def test_short_demo_writes_table_plot_results(tmp_path, capsys):
     assert len(runs) == 2 * 2 * 2  # noise rates x losses x learning rates
     assert len(list(csv.DictReader((out / "results.csv").open()))) == 8
     assert "DSPT acc" in first and first.split("wall time")[0] == second.split("wall time")[0]
+    table_of = lambda text: text.split("plot:")[0]  # noqa: E731
+    assert table_of(third) == table_of(first)  # worker processes or not, a seed gives the same numbers
     assert all(0 <= float(r["test_acc"]) <= 100 for r in runs)

@@ -17,14 +17,17 @@ from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
 
-CAPTION_TEMPLATES = (
-    "{}.",
-    "the number {}.",
-    "{} written by hand.",
-    "digit {}.",
-    "a handwritten {}.",
-    "an image of the digit {}.",
-)
+#: Captions that say what the image is: handwriting.
+DOMAIN_TEMPLATES = ("a handwritten {}.", "digit {}.", "the number {}.", "{} written by hand.")
+#: Generic web-style captions: CLIP's pretraining saw "a photo of a ..." everywhere.
+GENERIC_TEMPLATES = ("a photo of a {}.", "{}.", "a picture of a {}.", "an image of {}.")
+CAPTION_TEMPLATES = DOMAIN_TEMPLATES + GENERIC_TEMPLATES
+
+
+def template_weights(generic_share: float) -> tuple[float, ...]:
+    """Sampling weights over CAPTION_TEMPLATES: `generic_share` of the captions are generic ones."""
+    n_d, n_g = len(DOMAIN_TEMPLATES), len(GENERIC_TEMPLATES)
+    return tuple([(1 - generic_share) / n_d] * n_d + [generic_share / n_g] * n_g)
 
 
 def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor, labels: torch.Tensor,
@@ -58,11 +61,14 @@ def pretrain_clip(
     logit_scale: float = 100.0,
     start_scale: float = 10.0,
     templates: tuple[str, ...] = CAPTION_TEMPLATES,
+    weights: tuple[float, ...] | None = None,
     augment=None,
     progress: bool = True,
 ) -> list[float]:
     """Train `model` in place on (normalised image tensors, class labels); returns the loss per epoch.
 
+    Each image gets a caption of its class drawn afresh every step from `templates` (uniformly, or by
+    `weights`).
     The scale rises geometrically from `start_scale` to `logit_scale` over the first half of the steps
     (starting at 100 from random weights collapses to uniform predictions) and is saved at `logit_scale`.
     """
@@ -74,6 +80,9 @@ def pretrain_clip(
     tokens = tokenizer([cap for caps in captions for cap in caps])  # [C * T, L]: each distinct caption once
     eos = eos_positions(tokens, model)
     n_t = len(templates)
+    probs = torch.ones(n_t) if weights is None else torch.as_tensor(weights, dtype=torch.float)
+    if probs.shape != (n_t,) or not bool((probs >= 0).all()) or float(probs.sum()) <= 0:
+        raise ValueError(f"template weights must be {n_t} non-negative numbers with a positive sum, got {weights}")
     encoder = TextEncoder(_BackboneView(model))
     y = torch.as_tensor(labels, dtype=torch.long)
     model.train()
@@ -98,7 +107,7 @@ def pretrain_clip(
             x = images[idx]
             if augment is not None:
                 x = augment(x, gen)
-            choice = torch.randint(0, n_t, (len(idx),), generator=gen)
+            choice = torch.multinomial(probs, len(idx), replacement=True, generator=gen)
             text = encoder(text_parts(model).token_embedding(tokens), eos)  # causal: cut after the last EOS
             frac = min(1.0, step / max(1, steps // 2))
             scale = start_scale * (logit_scale / start_scale) ** frac

@@ -270,12 +270,13 @@ def _run_inline(cells: list[Cell], jobs: int, report: Callable[[Cell, str, Any],
 
 
 def _run_local(cells: list[Cell], jobs: int, report: Callable[[Cell, str, Any], None],
-               start_method: str | None = None) -> None:
-    """`jobs` worker processes at a time, one per run."""
+               start_method: str | None = None, threads: int | None = None) -> None:
+    """`jobs` worker processes at a time, one per run, each with `threads` torch threads (default: the
+    cores shared out)."""
     if jobs == 1:
         return _run_inline(cells, jobs, report)
     ctx = _context(start_method)
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    threads = threads or max(1, (os.cpu_count() or 1) // jobs)
     queue = list(cells)
     running: dict[Any, tuple[Any, Any, Cell]] = {}  # sentinel -> (process, connection, cell)
     try:
@@ -352,11 +353,12 @@ def run_sweep(
     results: str | os.PathLike | None = None,
     echo: Callable[[str], None] = print,
     start_method: str | None = None,
+    threads: int | None = None,
 ) -> SweepResult:
     """Run every cell of `grid` (a YAML path or a mapping) that has not finished yet.
 
     `jobs` runs at a time: 1 runs them one after the other in this process; more start one worker process
-    per run (`start_method`, see `_context`). Returns which cells were skipped, finished and failed; a failed
+    per run (`start_method`, see `_context`) with `threads` torch threads each. Returns which cells were skipped, finished and failed; a failed
     cell does not stop the others."""
     if jobs < 1:
         raise ConfigError(f"--jobs {jobs} is invalid; it must be >= 1")
@@ -392,7 +394,7 @@ def run_sweep(
 
     if todo:
         if backend == "local":
-            _run_local(todo, jobs, report, start_method)
+            _run_local(todo, jobs, report, start_method, threads)
         else:
             _run_ray(todo, jobs, report)
     echo(f"sweep: {len(out.finished)} finished, {len(out.skipped)} skipped, {len(out.failed)} failed "
