@@ -248,7 +248,7 @@ def _one_thread_for_the_miniature(fn):
 @_one_thread_for_the_miniature
 def run_demo(
     seed: int = 0,
-    output: str | Path = "dspt_demo",
+    output: str | Path | None = None,
     noise_rates: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8),
     losses: tuple[str, ...] = ("ce", "dspt"),
     epochs: int = 30,
@@ -273,7 +273,7 @@ def run_demo(
     from .train import zeroshot
 
     t0 = time.perf_counter()
-    out = Path(output)
+    out = Path(output) if output is not None else Path("dspt_demo") / f"seed{seed}"
     if model is None:
         if data is not None:
             raise ValueError("--data needs a real CLIP: add --model NAME --pretrained TAG (or --checkpoint FILE)")
@@ -308,7 +308,7 @@ def run_demo(
     chosen = select_on_validation(runs)
     md = format_table(chosen, zs["zeroshot_acc"], list(losses))
     sens = format_sensitivity(runs, list(losses)) if len(lrs) > 1 else ""
-    short = "miniature CLIP on digits (not real CLIP)" if model is None else prior
+    short = "miniature CLIP on textured-paper digits (not real CLIP)" if model is None else prior
     plot(chosen, zs["zeroshot_acc"], list(losses), out / "accuracy_vs_noise.png",
          f"{short}\n{shots}-shot, {epochs} epochs, lr chosen on noisy validation labels, seed {seed}")
     seconds = time.perf_counter() - t0
@@ -328,7 +328,7 @@ def add_demo_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="DSPT vs CoOp under label noise, offline, in minutes",
                        description=__doc__.split("\n\n")[0])
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output", "-o", default="dspt_demo", help="folder for runs, table, plot (default dspt_demo)")
+    p.add_argument("--output", "-o", help="folder for runs, table, plot (default dspt_demo/seed<SEED>)")
     p.add_argument("--noise-rates", default="0,0.2,0.4,0.6,0.8", help="comma-separated sym noise rates")
     p.add_argument("--losses", default="ce,dspt", help="comma-separated losses to compare")
     p.add_argument("--epochs", type=int, default=30)
