@@ -59,3 +59,36 @@ def test_short_demo_writes_table_plot_results(tmp_path, capsys):
     table_of = lambda text: text.split("plot:")[0]  # noqa: E731
     assert table_of(third) == table_of(first)  # worker processes or not, a seed gives the same numbers
     assert all(0 <= float(r["test_acc"]) <= 100 for r in runs)
+
+
+def test_demo_on_a_given_clip_and_folder_skips_pretraining(tmp_path, capsys):
+    """`--model/--checkpoint/--data`: the comparison on the user's CLIP and images, no miniature built."""
+    from safetensors.torch import save_file
+
+    from dspt.backbone import load_backbone
+    from imagefolders import make_image_folder
+
+    bb = load_backbone("dspt-tiny", init_seed=3)
+    ckpt = tmp_path / "clip.safetensors"
+    save_file({k: v.contiguous() for k, v in bb.model.state_dict().items()}, str(ckpt))
+    data = tmp_path / "data"
+    for split, n, seed in (("train", 6, 1), ("val", 3, 2)):
+        make_image_folder(data / split, classes=3, per_class=n, seed=seed)
+    make_image_folder(tmp_path / "test", classes=3, per_class=4, seed=4)
+    cache = tmp_path / "cache"
+    base = ["demo", "--model", "dspt-tiny", "--checkpoint", str(ckpt), "--data", str(data), "--test-data",
+            str(tmp_path / "test"), "--cache-dir", str(cache), "--shots", "4", "--epochs", "1", "--views", "1",
+            "--noise-rates", "0,0.5", "--no-progress"]
+    assert main(base + ["--output", str(tmp_path / "out"), "--lrs", "0.002,0.02"]) == 0
+    out = capsys.readouterr().out
+    assert f"Prior: dspt-tiny {ckpt}" in out and "miniature" not in out
+    assert not (cache / "demo").exists()  # no digits world, no pretrained miniature
+    assert len(list(csv.DictReader((tmp_path / "out" / "demo_runs.csv").open()))) == 2 * 2 * 2
+
+    # choosing a rate needs validation data: said before any run, in one line
+    no_val = tmp_path / "no_val"
+    make_image_folder(no_val / "train", classes=3, per_class=6, seed=1)
+    args = [a if a != str(data) else str(no_val) for a in base]
+    assert main(args + ["--output", str(tmp_path / "out2"), "--lrs", "0.002,0.02"]) == 2
+    err = capsys.readouterr().err
+    assert "needs validation data" in err and not (tmp_path / "out2" / "runs").exists()
