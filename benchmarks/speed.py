@@ -269,7 +269,7 @@ def fidelity(args) -> dict:
     import statistics as st
 
     from dspt.config import RunConfig
-    from dspt.demo import pretrained_miniature
+    from dspt.demo import VIEWS, pretrained_miniature
     from dspt.train import train
 
     print("[fidelity] pretrained miniature CLIP (reused from the dspt cache when `dspt demo` built it) ...",
@@ -278,8 +278,9 @@ def fidelity(args) -> dict:
     base = dict(model=world["model"], pretrained=None, checkpoint=str(world["checkpoint"]), data=str(world["tune"]),
                 test_data=str(world["test"]), shots=args.shots, epochs=args.fidelity_epochs, views=args.views,
                 batch_size=args.batch_size, n_ctx=args.n_ctx, noise="sym", loss=args.loss, device=args.device,
-                progress=False, cache_dir=str(args.work / "fidelity" / "cache"),
-                results=str(args.work / "fidelity" / "results.csv"))
+                progress=False, cache_dir=str(args.work / "fidelity" / "cache"), lr=args.fidelity_lr,
+                ctx_init="a photo of a", template="a photo of a {}.",
+                results=str(args.work / "fidelity" / "results.csv"), **VIEWS)  # the demo's digit-safe views
     rows = []
     for rate in args.fidelity_noise:
         for seed in args.fidelity_seeds:
@@ -297,7 +298,8 @@ def fidelity(args) -> dict:
              f"{Path(world['checkpoint']).name}); not real CLIP",
              f"data: {world['tune']} (tune, {args.shots} shots/class) and {world['test']} (test); loss {args.loss}, "
              f"sym noise, {args.fidelity_epochs} epochs, batch {args.batch_size}, {args.views} views (fast), "
-             f"lr 0.002, device {args.device}",
+             f"lr {args.fidelity_lr:g}, context init 'a photo of a', crops {VIEWS['crop_scale']:.0%}-100 %"
+             f"{'' if VIEWS['hflip'] else ', no flips'} (both paths), device {args.device}",
              "", "| noise | seed | zero-shot (%) | reference (%) | fast (%) | fast - reference |",
              "|---|---|---|---|---|---|"]
     for r in rows:
@@ -347,6 +349,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--fidelity-epochs", type=int, default=50)
     ap.add_argument("--fidelity-seeds", type=int, nargs="+", default=[1, 2, 3])
     ap.add_argument("--fidelity-noise", type=float, nargs="+", default=[0.0, 0.5])
+    ap.add_argument("--fidelity-lr", type=float, default=0.02,
+                    help="learning rate of the fidelity runs (DSPT learns on the miniature at 0.02, barely at 0.002)")
     ap.add_argument("--data-tarball", type=Path, default=DEFAULT_TARBALL)
     ap.add_argument("--work", type=Path, default=Path(os.environ.get("TMPDIR", "/tmp")) / "dspt-bench",
                     help="scratch folder for the extracted images, caches and runs (never the repository)")
