@@ -131,7 +131,7 @@ NAMES = {"ce": "CoOp (ce)", "dspt": "DSPT"}
 
 
 class _HideCacheHits(logging.Filter):
-    """Thirty runs share one feature cache: its hits say nothing new after the first run."""
+    """Every run of the grid reads the same feature cache: its hits say nothing new after the first."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not record.getMessage().startswith("feature cache hit")
