@@ -19,6 +19,7 @@ import torch
 from torchvision import transforms as T
 
 import open_clip
+from .errors import BackboneError
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +32,6 @@ TINY_MODELS = tuple(sorted(p.stem for p in CONFIG_DIR.glob("*.json")))
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
-class BackboneError(ValueError):
-    """Bad model name, pretrained tag or checkpoint: the message names the fix."""
 
 
 @dataclass

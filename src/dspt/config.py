@@ -13,13 +13,12 @@ from .backbone import PRECISIONS
 from .losses import get_loss
 from .noise import NOISE_TYPES
 from .prompt import POSITIONS
+from .errors import ConfigError
 
 #: Fields that change where or how fast a run executes, not what it computes.
 EXECUTION_FIELDS = ("output", "cache_dir", "workers", "results", "progress", "device", "download")
 
 
-class ConfigError(ValueError):
-    """A bad option: the message names it and the accepted values."""
 
 
 def protocol_epochs(shots: int) -> int:

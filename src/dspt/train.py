@@ -35,12 +35,11 @@ from .metrics import accuracy, logit_gradient_norms, memorisation, per_class_acc
 from .noise import NoisyLabels, make_noisy_labels
 from .prompt import PromptClassifier, PromptLearner, context_drift, mean_pairwise_cosine
 from .results import append_result, read_results
+from .errors import TrainingError
 
 log = logging.getLogger(__name__)
 
 
-class TrainingError(RuntimeError):
-    """The run cannot continue (non-finite loss, a different run in the output folder, ...)."""
 
 
 def lr_at(cfg: RunConfig, epoch: int) -> float:
