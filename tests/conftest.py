@@ -41,6 +41,29 @@ def offline_one_thread():
             torch.set_num_threads(threads)
 
 
+@pytest.fixture
+def hermetic_hub(tmp_path, monkeypatch) -> Path:
+    """An empty model cache of the test's own: huggingface_hub's (HF_HOME, HF_HUB_CACHE, read by
+    huggingface_hub at import, so its constants are patched too) and open_clip's URL downloads (~/.cache/clip,
+    so HOME), with offline mode on. Results never depend on what the user's cache holds. Returns the hub cache
+    folder (huggingface_hub's layout: models--ORG--NAME/{refs,snapshots})."""
+    from huggingface_hub import constants
+
+    home = tmp_path / "home"
+    hf_home = home / ".cache" / "huggingface"
+    hub = hf_home / "hub"
+    hub.mkdir(parents=True)
+    for var, value in {"HOME": home, "XDG_CACHE_HOME": home / ".cache", "HF_HOME": hf_home,
+                       "HF_HUB_CACHE": hub, "HUGGINGFACE_HUB_CACHE": hub}.items():
+        monkeypatch.setenv(var, str(value))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HOME", str(hf_home))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub))
+    monkeypatch.setattr(constants, "HUGGINGFACE_HUB_CACHE", str(hub))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return hub
+
+
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> Path:
     """3 classes x 8 images of 16x16: each class its own colour range, so training moves test accuracy."""

@@ -109,5 +109,5 @@ def test_unreadable_image_error_and_skip(tmp_path):
     s = load_data("folder", root=tmp_path / "img", test_fraction=0.25, seed=0)
     train = s.train if str(bad) in s.train.paths else s.test
     kept, skipped = _drop_bad(train, True, "training")
-    assert skipped == 1 and str(bad) not in kept.paths
+    assert skipped == [str(bad)] and str(bad) not in kept.paths
     assert RunConfig(data=str(tmp_path / "img"), skip_bad_images=True).resolved().skip_bad_images

@@ -1,9 +1,9 @@
-"""The demo's stand-in prior: CLIP's contrastive loss, caption sampling, and the tuning domain's rendering."""
+"""The demo's stand-in prior: CLIP's contrastive loss and caption sampling (the digits and their rendering:
+tests/test_miniature.py)."""
 import numpy as np
 import pytest
 import torch
 
-from dspt.demo import PAPER, _render
 from dspt.pretrain import (
     CAPTION_TEMPLATES,
     GENERIC_TEMPLATES,
@@ -59,14 +59,3 @@ def test_pretraining_lowers_the_loss_and_rejects_bad_weights():
     assert history[-1] < history[0]
     assert not any(p.requires_grad for p in bb.model.parameters())  # frozen again, as prompt tuning expects
 
-
-def test_textured_paper_is_one_fixed_grain_on_every_image():
-    blank = np.zeros((8, 8), dtype=np.float32)
-    digit = np.zeros((8, 8), dtype=np.float32)
-    digit[2:6, 3] = 1.0
-    a, b = np.asarray(_render(blank, paper=True)), np.asarray(_render(blank, paper=True))
-    assert (a == b).all() and a.std() > 20  # deterministic, and visibly textured
-    grain = np.random.default_rng(PAPER["seed"]).normal(0.0, PAPER["sigma"], (32, 32))
-    assert (a[..., 0] == np.clip(grain, 0, 255).astype(np.uint8)).all()  # blank paper shows the grain alone
-    plain, paper = np.asarray(_render(digit)), np.asarray(_render(digit, paper=True))
-    assert (plain != paper).any() and (np.asarray(_render(digit)) == plain).all()

@@ -74,7 +74,7 @@ def test_prompt_save_load_round_trip(tmp_path, backbone):
     with torch.no_grad():
         learner.ctx.add_(torch.randn_like(learner.ctx))
     cfg = RunConfig(data="x", model="dspt-tiny", pretrained=None)
-    save_prompt(tmp_path, learner, cfg)
+    save_prompt(tmp_path, learner, cfg, backbone)
     loaded = load_prompt(tmp_path, backbone=backbone)
     feats = torch.nn.functional.normalize(torch.randn(7, backbone.model.text_projection.shape[1]), dim=-1)
     before = PromptClassifier(backbone, learner).logits(feats)

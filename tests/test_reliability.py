@@ -32,6 +32,7 @@ from dspt import cli
 from clirun import run_cli
 from dspt.config import RunConfig
 from dspt.io import process_lock, read_jsonl, stray_temp_files
+from dspt.rundir import CHECKPOINT, load_checkpoint
 
 NO_NETWORK = """
 import socket, sys
@@ -143,7 +144,7 @@ def test_sigkill_mid_run_then_resume_gives_identical_metrics(images, tmp_path):
     assert proc.returncode == -signal.SIGKILL
     run = tmp_path / "run"
     assert not (run / "metrics.json").exists()
-    killed_at = torch.load(run / "checkpoint.pt", weights_only=False)["epoch"]
+    killed_at = load_checkpoint(run)["epoch"]
     assert 0 <= killed_at < 19, "the kill must land mid-run"
     assert not results_rows(tmp_path / "results.csv")["run_id"].size
 
@@ -164,18 +165,18 @@ def test_crash_between_epoch_log_and_checkpoint(images, tmp_path, reference, mon
     epoch 3 and logs it once."""
     T = sys.modules["dspt.train"]
 
-    save = T._save_checkpoint
+    save = T.save_checkpoint
 
-    def crash_at_epoch_3(run_dir, learner, opt, epoch):
+    def crash_at_epoch_3(run_dir, epoch, *state):
         if epoch == 3:
             raise Crash()
-        save(run_dir, learner, opt, epoch)
+        save(run_dir, epoch, *state)
 
     opts = options(images, tmp_path / "run", tmp_path / "cache")
-    monkeypatch.setattr(T, "_save_checkpoint", crash_at_epoch_3)
+    monkeypatch.setattr(T, "save_checkpoint", crash_at_epoch_3)
     with pytest.raises(Crash):
         T.train(RunConfig(**_config_fields(opts)))
-    monkeypatch.setattr(T, "_save_checkpoint", save)
+    monkeypatch.setattr(T, "save_checkpoint", save)
     assert epochs_logged(tmp_path / "run") == 4 and not (tmp_path / "run" / "metrics.json").exists()
     train_in_process(opts)
     assert stable(tmp_path / "run") == stable(reference)
@@ -201,14 +202,14 @@ def test_crash_between_metrics_and_results_row(images, tmp_path, reference, monk
 def test_unreadable_checkpoint_restarts_from_scratch(images, tmp_path, reference, monkeypatch):
     T = sys.modules["dspt.train"]
 
-    save = T._save_checkpoint
-    monkeypatch.setattr(T, "_save_checkpoint",
-                        lambda d, l, o, e: (_ for _ in ()).throw(Crash()) if e == 2 else save(d, l, o, e))
+    save = T.save_checkpoint
+    monkeypatch.setattr(T, "save_checkpoint",
+                        lambda d, e, *state: (_ for _ in ()).throw(Crash()) if e == 2 else save(d, e, *state))
     opts = options(images, tmp_path / "run", tmp_path / "cache")
     with pytest.raises(Crash):
         T.train(RunConfig(**_config_fields(opts)))
     monkeypatch.undo()
-    (tmp_path / "run" / "checkpoint.pt").write_bytes(b"\x00garbage, as after a disk error")
+    (tmp_path / "run" / CHECKPOINT).write_bytes(b"\x00garbage, as after a disk error")
     train_in_process(opts)
     assert stable(tmp_path / "run") == stable(reference)
 
@@ -297,8 +298,8 @@ def test_non_finite_loss_stops_keeps_last_good_checkpoint(images, tmp_path):
     assert code == 3
     line = _error_line(err)
     assert "non-finite" in line and "lower --lr" in line and "checkpoint (epoch 1) is kept" in line
-    assert torch.load(run / "checkpoint.pt", weights_only=False)["epoch"] == 0  # the warm-up epoch
-    assert torch.isfinite(torch.load(run / "checkpoint.pt", weights_only=False)["ctx"]).all()
+    assert load_checkpoint(run)["epoch"] == 0  # the warm-up epoch
+    assert torch.isfinite(load_checkpoint(run)["ctx"]).all()
     assert not (run / "metrics.json").exists() and not (run / "prompt.safetensors").exists()
     assert not (tmp_path / "results.csv").exists()
 
@@ -403,7 +404,7 @@ def test_output_folder_of_a_different_run(images, tmp_path, reference):
 
 
 def test_run_folder_in_use_by_another_process(images, tmp_path):
-    from dspt.train import run_lock_path
+    from dspt.rundir import run_lock_path
 
     run = tmp_path / "run"
     with process_lock(run_lock_path(run)):
@@ -419,26 +420,28 @@ def _enospc(path) -> OSError:
 
 
 def test_disk_full_writing_checkpoint_keeps_last_good_then_resumes(images, tmp_path, reference, monkeypatch):
-    """Simulation: torch.save writes half of the 3rd checkpoint (epoch index 2), then raises ENOSPC."""
-    real_save = torch.save
+    """Simulation: the writer writes half of the 3rd checkpoint (epoch index 2), then raises ENOSPC."""
+    import dspt.rundir
+
+    real_save = dspt.rundir.save_file
     calls = []
 
-    def save(obj, f, *a, **k):
-        calls.append(f) if "checkpoint.pt" in str(f) else None
-        if len(calls) == 3 and "checkpoint.pt" in str(f):
-            real_save(obj, f, *a, **k)
+    def save(tensors, f, *a, **k):
+        calls.append(f)
+        if len(calls) == 3:
+            real_save(tensors, f, *a, **k)
             Path(f).write_bytes(Path(f).read_bytes()[:100])
             raise _enospc(f)
-        return real_save(obj, f, *a, **k)
+        return real_save(tensors, f, *a, **k)
 
-    monkeypatch.setattr(torch, "save", save)
+    monkeypatch.setattr(dspt.rundir, "save_file", save)
     run = tmp_path / "run"
     code, _, err = run_cli(argv(options(images, run, tmp_path / "cache")))
     monkeypatch.undo()
     assert code == 2
     line = _error_line(err)
     assert "disk full" in line and "run the same command again" in line
-    assert torch.load(run / "checkpoint.pt", weights_only=False)["epoch"] == 1
+    assert load_checkpoint(run)["epoch"] == 1
     assert not stray_temp_files(run), "the half-written temp file is removed"
     assert not (run / "metrics.json").exists() and not (tmp_path / "results.csv").exists()
     train_in_process(options(images, run, tmp_path / "cache"))

@@ -11,7 +11,7 @@ from dspt.io import read_jsonl
 from imagefolders import make_split_folders
 
 RUN_FILES = {"config.yaml", "noisy_labels.csv", "noisy_labels.json", "prompt.safetensors", "metrics.json",
-             "log.jsonl", "environment.json", "train_files.csv", "checkpoint.pt"}
+             "log.jsonl", "environment.json", "train_files.csv", "checkpoint.safetensors", "dataset.json"}
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ import contextlib
 import hashlib
 import logging
 import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -47,6 +46,10 @@ class Backbone:
     precision: str = "fp32"
     crop_scale: float = 0.08  # smallest area fraction of the training crop (CoOp: 0.08)
     hflip: bool = True  # CoOp flips; digits, text and other handed images must not be flipped
+    # the rest of open_clip's preprocess config of these weights (the test transform is exactly open_clip's)
+    interpolation: str = "bicubic"
+    resize_mode: str = "shortest"
+    fill_color: int = 0
 
     @property
     def text(self) -> torch.nn.Module:
@@ -65,12 +68,12 @@ class Backbone:
         return torch.autocast("cuda", dtype=dtype)
 
     def test_transform(self) -> Callable:
-        return T.Compose([
-            T.Resize(self.image_size, interpolation=T.InterpolationMode.BICUBIC),
-            T.CenterCrop(self.image_size),
-            T.ToTensor(),
-            T.Normalize(self.mean, self.std),
-        ])
+        """open_clip's own evaluation preprocessing for these weights (`create_model_and_transforms(...)[2]`):
+        its resize mode and interpolation, centre crop, RGB conversion, normalisation."""
+        cfg = open_clip.transform.PreprocessCfg(
+            size=self.image_size, mean=tuple(self.mean), std=tuple(self.std), interpolation=self.interpolation,
+            resize_mode=self.resize_mode, fill_color=self.fill_color)
+        return open_clip.transform.image_transform_v2(cfg, is_train=False)
 
     def train_transform(self) -> Callable:
         """CoOp's training augmentation: random-resized-crop (area `crop_scale`-1) + horizontal flip."""
@@ -126,53 +129,123 @@ def _check_model_name(model_name: str) -> None:
         )
 
 
+def _offline_mode() -> bool:
+    """huggingface_hub's offline mode: HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE), also when set after import."""
+    from huggingface_hub import constants
+
+    env = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return bool(constants.is_offline_mode()) or env.strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
 @contextlib.contextmanager
-def _quiet_offline_hub() -> Iterator[None]:
-    """huggingface_hub reads only its local cache, and open_clip's failure logs stay silent."""
+def _hub_offline() -> Iterator[None]:
+    """huggingface_hub reads only its local cache (no request at all) inside this block."""
     from huggingface_hub import constants
 
     was = constants.HF_HUB_OFFLINE
     constants.HF_HUB_OFFLINE = True
-    logging.disable(logging.ERROR)
     try:
         yield
     finally:
         constants.HF_HUB_OFFLINE = was
-        logging.disable(logging.NOTSET)
 
 
 def _hub_host(model_name: str, tag: str) -> str:
+    """The host the weights come from (for messages only: nothing here connects to it)."""
+    from huggingface_hub import constants
+
     cfg = open_clip.get_pretrained_cfg(model_name, tag) or {}
-    url = os.environ.get("HF_ENDPOINT", "https://huggingface.co") if cfg.get("hf_hub") else cfg.get("url", "")
+    if cfg.get("hf_hub") or model_name.startswith("hf-hub:"):
+        url = os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
+    else:
+        url = cfg.get("url", "")
     return urlparse(url).hostname or "the model hub"
 
 
-def _reachable(host: str, timeout: float = 3.0) -> bool:
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
+def _root_cause(exc: BaseException) -> str:
+    """The innermost error of a chain (open_clip and huggingface_hub wrap the real one), as one short line."""
+    seen = {id(exc)}
+    while (inner := exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)) is not None \
+            and id(inner) not in seen:
+        seen.add(id(inner))
+        exc = inner
+    text = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _cache_entry(path: str) -> str:
+    """What to delete for a bad cached file: its huggingface_hub repo folder (models--org--name), else the file."""
+    for parent in Path(path).parents:
+        if parent.name.startswith("models--"):
+            return str(parent)
+    return str(path)
+
+
+def _not_cached(model_name: str, tag: str) -> BackboneError:
+    from huggingface_hub import constants
+
+    return BackboneError(f"'{model_name}' weights '{tag}' are not in the local cache ({constants.HF_HUB_CACHE}) and "
+                         "offline mode is on (HF_HUB_OFFLINE); download them once on a machine with internet "
+                         "(open_clip caches them there), or pass --checkpoint FILE")
+
+
+def _download_failed(model_name: str, tag: str, exc: BaseException) -> BackboneError:
+    host = _hub_host(model_name, tag)
+    return BackboneError(f"could not download '{model_name}' weights '{tag}' from {host} ({_root_cause(exc)}); "
+                         "check the connection (behind a proxy set HTTPS_PROXY, for a mirror set HF_ENDPOINT), "
+                         "or pass --checkpoint FILE")
 
 
 def _create_pretrained(model_name: str, tag: str) -> torch.nn.Module:
-    """The local cache first (instant, and all an offline machine has); then the hub, if it answers at all:
-    an unreachable hub fails in seconds with the fix instead of a minute of download retries."""
-    try:
-        with _quiet_offline_hub():
+    """open_clip model with the tag's weights: the local cache first (instant, and all an offline machine has),
+    then a real download unless offline mode is on. huggingface_hub / open_clip make every request themselves
+    (their proxy settings, endpoint and timeouts); nothing here opens a connection.
+
+    Three failures, three messages: not cached while offline; the download failed (names the host); the cached
+    file does not load (corrupt or truncated: names the folder to delete).
+    """
+    if model_name.startswith(("hf-hub:", "local-dir:")):
+        return _create_from_schema(model_name, tag)
+    cfg = open_clip.get_pretrained_cfg(model_name, tag)
+    path, cache_miss = None, None
+    try:  # open_clip's own lookup (same file, same safetensors preference as create_model), cache only
+        with _hub_offline():
+            path = open_clip.pretrained.download_pretrained(cfg)
+    except Exception as exc:  # open_clip reports every file it cannot find as FileNotFoundError
+        cache_miss = exc
+    if path is None:
+        if _offline_mode():
+            raise _not_cached(model_name, tag) from cache_miss
+        try:
+            path = open_clip.pretrained.download_pretrained(cfg)
+        except Exception as exc:
+            raise _download_failed(model_name, tag, exc) from exc
+    try:  # the file is in the cache now: build from it without any request
+        with _hub_offline():
             return open_clip.create_model(model_name, pretrained=tag, device="cpu")
-    except Exception:
-        pass
-    host = _hub_host(model_name, tag)
-    if not _reachable(host):
-        raise BackboneError(f"'{model_name}' weights '{tag}' are not in the local cache and {host} cannot be "
-                            "reached; download them once on a machine with internet (open_clip caches them), "
-                            "or pass --checkpoint FILE")
-    try:
-        return open_clip.create_model(model_name, pretrained=tag, device="cpu")
     except Exception as exc:
-        raise BackboneError(f"could not download '{model_name}' weights '{tag}' from {host} "
-                            f"({type(exc).__name__}); retry, or pass --checkpoint FILE") from exc
+        raise BackboneError(
+            f"the cached '{model_name}' weights '{tag}' ({path}) are corrupt or truncated ({_root_cause(exc)}); "
+            f"delete {_cache_entry(path)} and run again to download them afresh, or pass --checkpoint FILE"
+        ) from exc
+
+
+def _create_from_schema(model_name: str, tag: str) -> torch.nn.Module:
+    """'hf-hub:org/repo' / 'local-dir:PATH' names: open_clip fetches config and weights itself."""
+    try:
+        with _hub_offline():
+            return open_clip.create_model(model_name, device="cpu", require_pretrained=True)
+    except Exception as exc:
+        cache_miss = exc
+    if model_name.startswith("local-dir:"):
+        raise BackboneError(f"could not load '{model_name}' ({_root_cause(cache_miss)}); the folder needs "
+                            "open_clip_config.json and a weights file") from cache_miss
+    if _offline_mode():
+        raise _not_cached(model_name, tag) from cache_miss
+    try:
+        return open_clip.create_model(model_name, device="cpu", require_pretrained=True)
+    except Exception as exc:
+        raise _download_failed(model_name, tag, exc) from exc
 
 
 def load_backbone(
@@ -245,6 +318,9 @@ def load_backbone(
         std=tuple(cfg.get("std", open_clip.OPENAI_DATASET_STD)),
         device=dev,
         precision=precision,
+        interpolation=cfg.get("interpolation", "bicubic"),
+        resize_mode=cfg.get("resize_mode", "shortest"),
+        fill_color=int(cfg.get("fill_color", 0)),
     )
 
 

@@ -6,10 +6,12 @@ import dataclasses
 import json
 import logging
 import sys
+import traceback
 from typing import Any, Callable
 
 from . import __version__
 from .config import RunConfig
+from .errors import ConfigError, DsptError, TrainingError
 
 log = logging.getLogger("dspt")
 
@@ -19,16 +21,22 @@ def _loss_opts(items: list[str]) -> dict[str, float]:
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep:
-            raise ValueError(f"--loss-opt '{item}' must look like NAME=VALUE, e.g. q=0.7")
+            raise ConfigError(f"--loss-opt '{item}' must look like NAME=VALUE, e.g. q=0.7")
         try:
             out[key] = float(value)
         except ValueError:
-            raise ValueError(f"--loss-opt {key}: '{value}' is not a number") from None
+            raise ConfigError(f"--loss-opt {key}: '{value}' is not a number") from None
     return out
 
 
 def _shots(text: str) -> int:
     return 0 if text in ("all", "full") else int(text)
+
+
+def _val_shots(text: str) -> int | str | None:
+    if text in ("all", "none"):
+        return None
+    return "coop" if text == "coop" else int(text)
 
 
 def add_run_options(p: argparse.ArgumentParser, defaults: RunConfig | None = None) -> None:
@@ -45,11 +53,20 @@ def add_run_options(p: argparse.ArgumentParser, defaults: RunConfig | None = Non
                    help="download a missing benchmark with torchvision into --root (needs internet)")
     g.add_argument("--test-data", help="folder of test images (class sub-folders); default: test/ beside train/, "
                                        "else a seeded --test-fraction of --data")
-    g.add_argument("--test-fraction", type=float, default=d.test_fraction)
+    g.add_argument("--test-fraction", type=float, default=d.test_fraction,
+                   help="share of --data held out for testing when it has no test folder (default 0.2)")
+    g.add_argument("--split-seed", type=int, default=d.split_seed,
+                   help="seed of that held-out test split: fixed across run seeds (default 1)")
     g.add_argument("--classnames", help="folders: JSON {folder: name} or TXT 'folder name'; CSV: TXT one name per "
                                         "line or a JSON list")
     g.add_argument("--shots", type=_shots, default=d.shots, help="images per class (int) or 'all' (default 16)")
-    g.add_argument("--skip-bad-images", action="store_true", help="skip unreadable images (count reported)")
+    g.add_argument("--skip-bad-images", action="store_true",
+                   help="skip unreadable images: drawn shots are checked and replaced, evaluation splits checked "
+                        "whole (recorded in dataset.json)")
+    g.add_argument("--val-labels", default=d.val_labels, choices=["noisy", "clean"],
+                   help="validation labels: noisy like the training labels (default, what a user has) or clean")
+    g.add_argument("--val-shots", type=_val_shots, default=d.val_shots,
+                   help="validation images per class: an integer, 'coop' (CoOp's min(shots, 4)) or 'all' (default)")
     g = p.add_argument_group("noise")
     g.add_argument("--noise", default=d.noise,
                    help="noise protocol: sym, pair, symflip, pairflip (false positives), given (shipped labels); "
@@ -67,7 +84,8 @@ def add_run_options(p: argparse.ArgumentParser, defaults: RunConfig | None = Non
     g.add_argument("--precision", default=d.precision, choices=["fp32", "bf16", "fp16"])
     g.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:1")
     g = p.add_argument_group("prompt")
-    g.add_argument("--n-ctx", type=int, default=d.n_ctx)
+    g.add_argument("--n-ctx", type=int, default=d.n_ctx,
+                   help="context vectors (default 16; with --ctx-init, the phrase's token count)")
     g.add_argument("--ctx-init", help="initialise the context from a phrase, e.g. 'a photo of a'")
     g.add_argument("--csc", action="store_true", help="class-specific context")
     g.add_argument("--class-token-position", default=d.class_token_position, choices=["end", "middle", "front"])
@@ -106,8 +124,6 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
             values[f.name] = getattr(args, f.name)
     values["loss_options"] = _loss_opts(getattr(args, "loss_opt", None))
     values["progress"] = not getattr(args, "no_progress", False)
-    if values.get("pretrained") in ("none", "None", ""):
-        values["pretrained"] = None
     if values.get("checkpoint"):
         values["pretrained"] = None
     return RunConfig(**values)
@@ -120,11 +136,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     metrics = train(cfg)
     out = cfg.resolved().output
     print(f"run folder: {out}")
-    print(f"test accuracy {metrics['test_acc']:.2f} (zero-shot {metrics['zeroshot_acc']:.2f}, "
-          f"gain {metrics['gain_over_zeroshot']:+.2f}); realised noise {metrics['noise']['realised_rate']:.3f}; "
-          f"memorised wrong labels {metrics['train']['memorised']:.1f}%; loss {metrics['first_loss']:.4f} -> "
-          f"{metrics['final_loss']:.4f}")
+    print(run_summary(metrics))
     return 0
+
+
+def run_summary(metrics: dict[str, Any]) -> str:
+    """One line on a finished run; memorisation is only defined when some training labels are wrong."""
+    memorised = metrics["train"]["memorised"]
+    if memorised != memorised:  # NaN: no wrong label to memorise
+        mem = "memorised wrong labels: none to memorise (no training label is wrong)"
+    else:
+        mem = f"memorised wrong labels {memorised:.1f}%"
+    return (f"test accuracy {metrics['test_acc']:.2f} (zero-shot {metrics['zeroshot_acc']:.2f}, "
+            f"gain {metrics['gain_over_zeroshot']:+.2f}); realised noise {metrics['noise']['realised_rate']:.3f}; "
+            f"{mem}; loss {metrics['first_loss']:.4f} -> {metrics['final_loss']:.4f}")
 
 
 def cmd_zeroshot(args: argparse.Namespace) -> int:
@@ -270,6 +295,8 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. dspt's own errors (a bad option, missing data, a diverged run) print one line that
+    names the fix; anything else is a bug and keeps its traceback. `-v` shows the traceback of both."""
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
@@ -278,21 +305,19 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("dspt: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+    except DsptError as exc:
+        if args.verbose:
+            traceback.print_exc()
+        print(f"dspt: error: {exc}", file=sys.stderr)
+        return 3 if isinstance(exc, TrainingError) else 2
     except OSError as exc:
-        if exc.errno == 28:  # ENOSPC
-            print(f"dspt: error: disk full while writing {exc.filename or ''}; free space and run the same "
-                  "command again to resume (nothing half-written was kept)", file=sys.stderr)
-            return 2
-        print(f"dspt: error: {exc}", file=sys.stderr)
-        return 2
-    except ValueError as exc:  # ConfigError, DataError, BackboneError: one line that names the fix
-        print(f"dspt: error: {exc}", file=sys.stderr)
-        return 2
-    except RuntimeError as exc:
-        if type(exc).__name__ != "TrainingError":
+        if exc.errno != 28:  # not ENOSPC: a real failure, with its traceback
             raise
-        print(f"dspt: error: {exc}", file=sys.stderr)
-        return 3
+        if args.verbose:
+            traceback.print_exc()
+        print(f"dspt: error: disk full while writing {exc.filename or ''}; free space and run the same "
+              "command again to resume (nothing half-written was kept)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,8 +1,17 @@
-"""One run's configuration: a flat dataclass, resolved once and saved with the run (no config layers)."""
+"""One run's configuration: a flat dataclass, resolved once and saved with the run (no config layers).
+
+Every value is coerced to its field's type and checked before any work starts, whichever way it came in:
+the command line, a YAML grid (PyYAML reads `2e-3` as a string) or Python. `resolved()` fills in the
+defaults that depend on other fields, so `config.yaml` records what ran.
+"""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
+import types
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -10,15 +19,21 @@ from typing import Any
 import yaml
 
 from .backbone import PRECISIONS
+from .errors import ConfigError
 from .losses import get_loss
 from .noise import NOISE_TYPES
+from .numbers import round_half_up
 from .prompt import POSITIONS
-from .errors import ConfigError
 
 #: Fields that change where or how fast a run executes, not what it computes.
 EXECUTION_FIELDS = ("output", "cache_dir", "workers", "results", "progress", "device", "download")
-
-
+#: Spellings of "no value" accepted for optional fields (the command line and YAML cannot write None).
+NONE_WORDS = ("none", "null", "None", "~", "")
+DEFAULT_N_CTX = 16
+VAL_LABELS = ("noisy", "clean")
+#: Fields spelled out in the default run-folder name; every other non-default field goes into its hash.
+NAMED_FIELDS = ("data", "dataset", "model", "pretrained", "checkpoint", "noise", "noise_rate", "loss", "shots",
+                "seed", "lr", "epochs")
 
 
 def protocol_epochs(shots: int) -> int:
@@ -26,6 +41,88 @@ def protocol_epochs(shots: int) -> int:
     if shots <= 0 or shots == 1:
         return 50
     return 100 if shots <= 4 else 200
+
+
+def _type_error(name: str, value: Any, what: str) -> ConfigError:
+    return ConfigError(f"--{name.replace('_', '-')} {value!r} is not {what}; fix the value in the command or grid")
+
+
+def _coerce(name: str, value: Any, hint: Any) -> Any:
+    """`value` as type `hint` (int, float, bool, str, X | None, dict[str, float]); ConfigError otherwise."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in args:
+        if value is None or (isinstance(value, str) and value.strip() in NONE_WORDS):
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(name, value, inner)
+    if value is None:
+        raise _type_error(name, value, f"a {getattr(hint, '__name__', hint)} (this option cannot be empty)")
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("true", "yes", "on", "1"):
+            return True
+        if text in ("false", "no", "off", "0"):
+            return False
+        raise _type_error(name, value, "true or false")
+    if hint is int:
+        if isinstance(value, bool):
+            raise _type_error(name, value, "an integer")
+        if isinstance(value, int):
+            return value
+        try:
+            number = float(str(value).strip()) if not isinstance(value, float) else value
+        except ValueError:
+            raise _type_error(name, value, "an integer") from None
+        if not math.isfinite(number) or number != int(number):
+            raise _type_error(name, value, "an integer")
+        return int(number)
+    if hint is float:
+        if isinstance(value, bool):
+            raise _type_error(name, value, "a number")
+        try:
+            number = float(str(value).strip()) if isinstance(value, str) else float(value)
+        except (TypeError, ValueError):
+            raise _type_error(name, value, "a number") from None
+        if not math.isfinite(number):
+            raise _type_error(name, value, "a finite number")
+        return number
+    if hint is str:
+        if isinstance(value, (str, Path)):
+            return str(value)
+        raise _type_error(name, value, "text")
+    if typing.get_origin(hint) is dict:
+        if not isinstance(value, dict):
+            raise _type_error(name, value, "a mapping NAME: VALUE")
+        _, vtype = typing.get_args(hint)
+        return {str(k): _coerce(f"{name} {k}", v, vtype) for k, v in value.items()}
+    raise TypeError(f"RunConfig field {name} has an unsupported type {hint}")  # a bug in this module
+
+
+def coerce_field(name: str, value: Any) -> Any:
+    """`value` as the declared type of RunConfig field `name`, with the spellings the command line accepts:
+    'none' for an empty optional, 'all' shots, 'coop' validation shots, '2e-3' for a number."""
+    hints = typing.get_type_hints(RunConfig)
+    if name not in hints:
+        raise ConfigError(f"unknown option '{name}'; valid: {', '.join(sorted(hints))}")
+    if name == "shots" and isinstance(value, str) and value.strip() in ("all", "full"):
+        return 0
+    if name == "val_shots" and isinstance(value, str) and value.strip() == "coop":
+        return "coop"
+    return _coerce(name, value, hints[name])
+
+
+def phrase_tokens(model: str, phrase: str) -> int:
+    """Number of tokens of `phrase` under `model`'s tokenizer (what --ctx-init makes the context length)."""
+    import open_clip
+
+    try:
+        tokens = open_clip.get_tokenizer(model)([phrase])[0]
+    except Exception as exc:  # noqa: BLE001 - any tokenizer failure is a bad --model / --ctx-init
+        raise ConfigError(f"cannot tokenize --ctx-init '{phrase}' for model '{model}' ({type(exc).__name__}); "
+                          "check --model") from None
+    return int((tokens != 0).sum()) - 2  # minus SOS and EOS
 
 
 @dataclass
@@ -36,10 +133,14 @@ class RunConfig:
     root: str | None = None  # folder holding the benchmark datasets (default $DSPT_DATA); --data wins
     test_data: str | None = None
     test_fraction: float = 0.2
+    split_seed: int = 1  # the held-out test split of data without a test folder: fixed, not the run seed
     classnames: str | None = None
     shots: int = 16  # per class; 0 = the full training split
     skip_bad_images: bool = False
     download: bool = False  # fetch a missing benchmark with torchvision (needs internet)
+    # validation (choosing hyperparameters; never the test split)
+    val_labels: str = "noisy"  # "noisy": corrupted like the training labels (what a user has); "clean"
+    val_shots: int | None = None  # per class; None: every validation image; "coop": CoOp's min(shots, 4)
     # noise
     noise: str = "sym"
     noise_rate: float = 0.0
@@ -52,7 +153,7 @@ class RunConfig:
     checkpoint: str | None = None
     precision: str = "fp32"
     # prompt
-    n_ctx: int = 16
+    n_ctx: int | None = None  # None: 16, or the number of tokens of --ctx-init
     ctx_init: str | None = None
     csc: bool = False
     class_token_position: str = "end"
@@ -80,21 +181,60 @@ class RunConfig:
     workers: int = 0
     progress: bool = True
 
+    def coerced(self) -> "RunConfig":
+        """A copy with every field converted to its declared type (ConfigError naming the field otherwise)."""
+        return dataclasses.replace(self, **{f.name: coerce_field(f.name, getattr(self, f.name)) for f in fields(self)})
+
     def resolved(self) -> "RunConfig":
-        """Defaults filled in and every option checked; raises ConfigError with the fix."""
-        cfg = dataclasses.replace(self, loss_options=dict(self.loss_options))
+        """Types coerced, defaults filled in and every option checked; raises ConfigError with the fix."""
+        cfg = self.coerced()
+        cfg.loss_options = dict(cfg.loss_options)
         if cfg.epochs is None:
             cfg.epochs = protocol_epochs(cfg.shots)
+        if cfg.val_shots == "coop":
+            cfg.val_shots = min(cfg.shots, 4) if cfg.shots > 0 else 4
         cfg._resolve_data()
+        cfg._resolve_context()
         cfg.validate()
         if cfg.output is None:
-            rate = f"{cfg.noise_rate:g}"
-            weights = Path(cfg.checkpoint).stem if cfg.checkpoint else (cfg.pretrained or "random")
-            cfg.output = str(Path("dspt_runs") / f"{Path(cfg.data or cfg.dataset).name}-{cfg.model}-{weights}-"
-                             f"{cfg.noise}{rate}-{cfg.loss}-k{cfg.shots}-s{cfg.seed}")
+            cfg.output = str(Path("dspt_runs") / cfg.default_name())
         if cfg.results is None:
             cfg.results = str(Path(cfg.output).parent / "results.csv")
         return cfg
+
+    def _resolve_context(self) -> None:
+        """--ctx-init fixes the context length to the phrase's tokens; record that, refuse a contradiction."""
+        if not self.ctx_init or not self.ctx_init.strip():
+            self.ctx_init = None
+            self.n_ctx = DEFAULT_N_CTX if self.n_ctx is None else self.n_ctx
+            return
+        n = phrase_tokens(self.model, self.ctx_init.replace("_", " ").strip())
+        if self.n_ctx is not None and self.n_ctx != n:
+            raise ConfigError(f"--ctx-init '{self.ctx_init}' is {n} tokens, so the context has {n} vectors, not "
+                              f"--n-ctx {self.n_ctx}; drop --n-ctx or change the phrase")
+        self.n_ctx = n
+
+    def default_name(self) -> str:
+        """Run-folder name: the main settings spelled out, plus a hash of every other non-default option, so
+        two runs that differ in anything never share a folder."""
+        rate = f"{self.noise_rate:g}"
+        weights = Path(self.checkpoint).stem if self.checkpoint else (self.pretrained or "random")
+        name = (f"{Path(self.data or self.dataset).name}-{self.model}-{weights}-{self.noise}{rate}-{self.loss}-"
+                f"k{self.shots}-s{self.seed}")
+        if self.lr != RunConfig.lr:
+            name += f"-lr{self.lr:g}"
+        if self.epochs != protocol_epochs(self.shots):
+            name += f"-e{self.epochs}"
+        defaults = RunConfig(data=self.data, dataset=self.dataset, root=self.root, model=self.model,
+                             noise=self.noise, noise_rate=self.noise_rate, fp=self.fp, shots=self.shots,
+                             pretrained=self.pretrained, checkpoint=self.checkpoint)
+        defaults._resolve_data()
+        defaults._resolve_context()
+        base = defaults.identity()
+        other = {k: v for k, v in self.identity().items() if k not in NAMED_FIELDS and base.get(k) != v}
+        if other:
+            name += "-" + hashlib.sha256(json.dumps(other, sort_keys=True, default=str).encode()).hexdigest()[:8]
+        return name
 
     def _resolve_data(self) -> None:
         """Dataset name and template, data root, and the FP count / rate of symflip / pairflip."""
@@ -115,7 +255,7 @@ class RunConfig:
                 if not self.noise_rate:
                     raise ConfigError(f"{self.noise} needs --fp N (false positives per class, e.g. {self.shots // 2} "
                                       f"of {self.shots}) or --noise-rate FP/K")
-                self.fp = int(math.floor(self.noise_rate * self.shots + 0.5))
+                self.fp = round_half_up(self.noise_rate * self.shots)
             elif self.noise_rate and abs(self.noise_rate - self.fp / self.shots) > 1e-9:
                 raise ConfigError(f"--fp {self.fp} of --shots {self.shots} is rate {self.fp / self.shots:g}, not "
                                   f"--noise-rate {self.noise_rate:g}; give one of them")
@@ -156,12 +296,20 @@ class RunConfig:
         checks = [("shots", self.shots >= 0, ">= 0"), ("epochs", self.epochs >= 1, ">= 1"),
                   ("batch_size", self.batch_size >= 1, ">= 1"), ("lr", self.lr > 0, "> 0"),
                   ("views", self.views >= 0, ">= 0"), ("n_ctx", self.n_ctx >= 1, ">= 1"),
-                  ("warmup_epochs", self.warmup_epochs >= 0, ">= 0"), ("weight_decay", self.weight_decay >= 0, ">= 0"),
+                  ("warmup_epochs", self.warmup_epochs >= 0, ">= 0"),
+                  ("warmup_lr", self.warmup_lr > 0, "> 0"), ("split_seed", self.split_seed >= 0, ">= 0"),
+                  ("val_shots", self.val_shots is None or self.val_shots >= 1, ">= 1, 'coop' or none"),
+                  ("weight_decay", self.weight_decay >= 0, ">= 0"),
                   ("test_fraction", 0 < self.test_fraction < 1, "inside (0, 1)"), ("seed", self.seed >= 0, ">= 0"),
                   ("crop_scale", 0 < self.crop_scale <= 1, "inside (0, 1]")]
         for name, ok, rule in checks:
             if not ok:
                 raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)} is invalid; it must be {rule}")
+        if self.val_labels not in VAL_LABELS:
+            raise ConfigError(f"--val-labels '{self.val_labels}' unknown; choose 'noisy' (corrupted like the "
+                              "training labels, what a user has) or 'clean'")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"--momentum {self.momentum} is invalid; it must be in [0, 1)")
         if self.pretrained and self.checkpoint:
             raise ConfigError("give either --pretrained TAG or --checkpoint FILE, not both")
 
@@ -178,7 +326,7 @@ class RunConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(f"unknown config key(s) {unknown}; valid keys: {', '.join(sorted(known))}")
-        return cls(**data)
+        return cls(**data).coerced()
 
     @classmethod
     def load(cls, path: str | Path) -> "RunConfig":

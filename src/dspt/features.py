@@ -1,9 +1,10 @@
-"""Frozen image-feature cache (DESIGN.md section 4).
+"""Frozen image-feature cache: prompt tuning never trains CLIP's image tower, so image features are computed
+once, stored, and reused by every epoch and every later run on the same images and model.
 
-The image tower never trains, so each image is encoded once per view: view 0 is the un-augmented test
-transform, views 1..V are seeded random-resized-crop + flip augmentations. Training then draws one cached
-view per sample per step. A cache file is keyed by everything that changes its content and is written
-atomically; a file whose key, shape or bytes do not check out is rebuilt, never used.
+Each image is encoded once per view: view 0 is the un-augmented test transform, views 1..V are seeded
+random-resized-crop + flip augmentations. Training then draws one cached view per sample per step. A cache
+file is keyed by everything that changes its content and is written atomically; a file whose key, shape or
+bytes do not check out is rebuilt, never used.
 """
 from __future__ import annotations
 
@@ -17,21 +18,20 @@ from typing import Callable
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .backbone import Backbone
 from .data.base import ImageDataset, load_image
-from .io import atomic_write
+from .io import atomic_write, default_cache_dir, file_stamp
 
 log = logging.getLogger(__name__)
 
+__all__ = ["FEATURE_FORMAT", "FeatureSet", "cache_key", "cache_usage", "cached_features", "default_cache_dir",
+           "encode_paths", "view_seed"]
+
 FEATURE_FORMAT = 1  # bump when the stored layout or the encoding changes
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("DSPT_CACHE", Path.home() / ".cache" / "dspt")).expanduser()
 
 
 def view_seed(seed: int, view: int, index: int) -> int:
@@ -91,11 +91,7 @@ def cache_key(backbone: Backbone, dataset: ImageDataset, split: str, views: int,
     """Everything that changes the cached numbers. Labels do not (noise never invalidates a cache)."""
     digest = hashlib.sha256("\n".join(dataset.paths).encode())
     for p in dataset.paths:
-        try:
-            st = os.stat(p)
-            digest.update(f"{st.st_size}:{st.st_mtime_ns}\n".encode())
-        except OSError:
-            digest.update(b"missing\n")
+        digest.update(f"{file_stamp(p)}\n".encode())
     return {
         "format": FEATURE_FORMAT,
         "model": backbone.model_name,
@@ -123,8 +119,6 @@ def _try_load(path: Path, key: dict, expected_shape: tuple[int, int]) -> torch.T
     if not path.is_file():
         return None
     try:
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as fh:
             meta = fh.metadata() or {}
         if json.loads(meta.get("key", "null")) != key:

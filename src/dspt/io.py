@@ -1,24 +1,59 @@
-"""Atomic file writes: a reader sees the old file or the complete new one, never half of one."""
+"""Files: atomic writes (a reader sees the old file or the complete new one, never half of one), file stamps,
+cross-platform locks, and dspt's cache folder. The bottom layer of dspt: it imports nothing of dspt."""
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
-import tempfile
+import sys
+import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import filelock
+
+#: what `file_stamp` returns for a file that does not exist (or cannot be stat'ed)
+MISSING = "missing"
+
+
+def default_cache_dir() -> Path:
+    """dspt's cache folder: $DSPT_CACHE, else ~/.cache/dspt."""
+    return Path(os.environ.get("DSPT_CACHE", Path.home() / ".cache" / "dspt")).expanduser()
+
+
+def file_stamp(path: str | os.PathLike) -> str:
+    """'<size>:<mtime in ns>' of a file, or 'missing': changes when the file is rewritten, without reading it."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return MISSING
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+def _create_temp(path: Path) -> str:
+    """A new, empty, uniquely named file beside `path`, created with mode 0o666 less the umask (what `open` gives
+    any new file), not `tempfile.mkstemp`'s 0o600, so a shared cache stays readable by the group."""
+    while True:
+        tmp = str(path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp"))
+        try:
+            fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_BINARY", 0), 0o666)
+        except FileExistsError:  # pragma: no cover - 48 random bits
+            continue
+        os.close(fd)
+        return tmp
+
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Call `write(tmp_path)`, fsync, then rename onto `path` (same folder, so the rename is atomic)."""
+    """Call `write(tmp_path)`, fsync, then rename onto `path` (same folder, so the rename is atomic).
+
+    The file gets the permissions of any newly created file (0o666 less the umask).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = _create_temp(path)
     try:
         write(tmp)
-        with open(tmp, "rb") as fh:
+        with open(tmp, "rb+") as fh:  # writable: Windows cannot flush a read-only handle
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -52,49 +87,66 @@ def read_json(path: str | os.PathLike) -> Any:
         return json.load(fh)
 
 
+def _native_lock(path: Path) -> filelock.BaseFileLock:
+    """An OS lock on `path` (flock on Unix, LockFileEx on Windows): the OS frees it when its process dies."""
+    cls = filelock.WindowsFileLock if sys.platform == "win32" else filelock.UnixFileLock
+    try:  # filelock >= 4 would otherwise fall back to a soft lock, which outlives a killed holder
+        return cls(str(path), fallback_to_soft=False)
+    except TypeError:  # filelock 3 has no soft fallback
+        return cls(str(path))
+
+
 @contextlib.contextmanager
 def file_lock(path: str | os.PathLike) -> Iterator[None]:
-    """Exclusive advisory lock, so parallel runs of a sweep append to one results file safely."""
+    """Exclusive lock, waiting for it, so parallel runs of a sweep append to one results file safely."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+    with _native_lock(path):
+        yield
 
 
 class LockBusy(BlockingIOError):
-    """Another process holds the lock; `holder` is the pid it wrote into the lock file (or '?')."""
+    """Another process holds the lock; `holder` is the pid it recorded (or '?')."""
 
     def __init__(self, path: Path, holder: str):
         super().__init__(f"'{path}' is held by process {holder}")
         self.path, self.holder = path, holder
 
 
+def holder_file(path: str | os.PathLike) -> Path:
+    """Where the holder of lock `path` keeps its pid (`<lock>.pid`; the lock file itself may be truncated by
+    whoever opens it)."""
+    path = Path(path)
+    return path.with_name(path.name + ".pid")
+
+
 @contextlib.contextmanager
 def process_lock(path: str | os.PathLike, wait: bool = False) -> Iterator[None]:
-    """Exclusive lock that dies with its process (flock): one process per run folder.
+    """Exclusive lock that dies with its process: one process per run folder.
 
-    With `wait=False` a busy lock raises `LockBusy` at once. The lock file keeps the holder's pid.
+    With `wait=False` a busy lock raises `LockBusy` at once, naming the holder's pid (kept in `holder_file`).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+", encoding="utf-8") as fh:
+    lock = _native_lock(path)
+    try:
+        lock.acquire(timeout=-1 if wait else 0)
+    except filelock.Timeout:
         try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            fh.seek(0)
-            raise LockBusy(path, fh.read().strip() or "?") from None
+            holder = holder_file(path).read_text(encoding="utf-8").strip()
+        except OSError:
+            holder = ""
+        raise LockBusy(path, holder or "?") from None
+    pid_file = holder_file(path)
+    try:
+        atomic_write_text(pid_file, str(os.getpid()))
+        yield
+    finally:
         try:
-            fh.seek(0)
-            fh.truncate()
-            fh.write(str(os.getpid()))
-            fh.flush()
-            yield
+            with contextlib.suppress(OSError):
+                pid_file.unlink()
         finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+            lock.release()
 
 
 def stray_temp_files(folder: str | os.PathLike) -> list[Path]:

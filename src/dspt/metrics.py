@@ -1,7 +1,8 @@
 """Evaluation on cached features: accuracy, per-class accuracy, memorisation of wrong labels, gradients.
 
-'Robust' must not be confused with 'inert' (DESIGN.md section 1), so beside accuracy we measure whether
-the model learns (gain over zero-shot), whether it memorises wrong labels, and per-sample gradient norms.
+'Robust' must not be confused with 'inert' (a prompt that never moves cannot memorise a wrong label), so
+beside accuracy we measure whether the model learns (gain over zero-shot), whether it memorises wrong labels,
+and per-sample gradient norms.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Label-noise protocols (DESIGN.md section 2) for class-index labels.
+"""Label-noise protocols of this research line (CoOp, PTNL, JoAPR, NLPrompt) for class-index labels.
 
 ``make_noisy_labels(true, C, "sym", 0.4, seed=1)`` returns a :class:`NoisyLabels` holding the true
 labels, the labels given to training, and what is needed to report the noise (realised rate,
@@ -26,6 +26,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .io import atomic_write_text
+from .numbers import round_half_up
 
 __all__ = [
     "NoisyLabels",
@@ -55,7 +56,7 @@ def register_noise(name: str) -> Callable[[NoiseFn], NoiseFn]:
 
 def flip_count(n: int, rate: float) -> int:
     """Number of samples to corrupt: ``floor(rate*n + 0.5)`` (round half up, deterministic)."""
-    return int(np.floor(rate * n + 0.5))
+    return round_half_up(rate * n)
 
 
 # --------------------------------------------------------------------------------------------

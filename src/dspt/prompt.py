@@ -4,9 +4,10 @@ As in CoOp, the token prefix (SOS) and suffix (class name, '.', EOS, padding) ar
 `ctx` is a parameter. The class token position is a fixed gather over [prefix | ctx | suffix], so
 'end', 'middle' and 'front' all build the prompts in one vectorised op.
 
-The text side of the fast path (DESIGN.md section 4) lives here: prompts cut after the last EOS, the
-prefix shared by all classes run once, class chunks, autocast. Each gives the same features as CoOp's
-full-length computation (tests/test_prompt_speed.py pins this to 1e-5, outputs and gradients).
+The text side of the fast training path (cached image features, short prompts) lives here: prompts cut
+after the last EOS, the prefix shared by all classes run once, class chunks, autocast. Each gives the same
+features as CoOp's full-length computation (tests/test_prompt_speed.py pins this to 1e-5, outputs and
+gradients).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .backbone import Backbone
+from .errors import BackboneError
 
 POSITIONS = ("end", "middle", "front")
 
@@ -37,6 +39,41 @@ def eos_positions(tokens: torch.Tensor, model: nn.Module) -> torch.Tensor:
         eos_id = getattr(text, "text_eos_id", None) or getattr(text, "eos_id")
         return (tokens == eos_id).int().argmax(dim=-1)
     raise ValueError(f"text pooling '{pool}' is not supported by prompt tuning; use a CLIP model with EOS pooling")
+
+
+SUPPORTED_TEXT_TOWERS = ("causal open_clip text transformers with EOS/argmax pooling: the OpenAI-style CLIP "
+                         "families (RN50, ViT-B-16, ConvNeXt, EVA02, ...)")
+
+
+def check_prompt_tunable(backbone: Backbone) -> None:
+    """Refuse, in one line, a text tower whose features CoOp prompts cannot reproduce.
+
+    Prompt tuning replaces token embeddings and pools the EOS position of open_clip's own text transformer
+    (token embedding, positional embedding, causal resblocks, final LayerNorm, projection). Hugging Face text
+    towers (open_clip's HFTextEncoder), bidirectional towers (SigLIP, MobileCLIP-S*), 'last'/'first'/'mean'
+    pooling and CoCa's appended class token do not fit that computation.
+    """
+    model = backbone.model
+    text = text_parts(model)
+    name = getattr(backbone, "model_name", type(model).__name__)
+    parts = ("token_embedding", "positional_embedding", "transformer", "ln_final")
+    if not all(hasattr(text, a) for a in parts) or not isinstance(getattr(text, "token_embedding", None),
+                                                                    nn.Embedding):
+        kind = type(text).__name__
+        what = f"a Hugging Face text model ({kind})" if "HF" in kind or hasattr(text, "config") else kind
+        reasons = [f"its text tower is {what}, not an open_clip text transformer"]
+    else:
+        reasons = []
+        if not _is_causal(getattr(text, "attn_mask", None)):
+            reasons.append("its text tower attends both ways (no causal mask)")
+        pool = getattr(text, "text_pool_type", None) or getattr(text, "pool_type", "argmax")
+        if pool not in ("argmax", "eos"):
+            reasons.append(f"it pools text at '{pool}', not at the EOS token")
+        if getattr(text, "cls_emb", None) is not None:
+            reasons.append("it appends a class token to the text (CoCa)")
+    if reasons:
+        raise BackboneError(f"model '{name}' cannot be prompt-tuned: {'; '.join(reasons)}; prompt tuning supports "
+                            f"{SUPPORTED_TEXT_TOWERS}")
 
 
 def _is_causal(mask: torch.Tensor | None) -> bool:
@@ -208,6 +245,7 @@ class PromptLearner(nn.Module):
             raise ValueError(f"class token position '{class_token_position}' unknown; choose one of {POSITIONS}")
         if not classnames:
             raise ValueError("no class names: the dataset has no classes")
+        check_prompt_tunable(backbone)
         model, tokenize = backbone.model, backbone.tokenizer
         embed = text_parts(model).token_embedding
         device = embed.weight.device

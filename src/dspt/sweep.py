@@ -42,7 +42,9 @@ from typing import Any, Callable
 
 import yaml
 
-from .config import ConfigError, RunConfig
+from .config import RunConfig, coerce_field
+from .errors import ConfigError, DsptError
+from .rundir import check_run_dir, finished_metrics, has_checkpoint, is_finished, run_lock_path
 
 log = logging.getLogger(__name__)
 
@@ -65,12 +67,12 @@ class Cell:
         return Path(self.config.output)
 
     def done(self) -> bool:
-        return (self.run_dir / "metrics.json").is_file()
+        return is_finished(self.run_dir)
 
     def status(self) -> str:
         if self.done():
             return "done"
-        return "partial" if (self.run_dir / "checkpoint.pt").is_file() else "new"
+        return "partial" if has_checkpoint(self.run_dir) else "new"
 
 
 @dataclass
@@ -117,13 +119,12 @@ def cell_name(values: dict[str, Any]) -> str:
     return _UNSAFE.sub("_", name).strip("._") or "run"
 
 
-def _normalise(key: str, value: Any) -> Any:
-    """The same spellings the command line accepts."""
-    if key == "pretrained" and value in ("none", "None", ""):
-        return None
-    if key == "shots" and value in ("all", "full"):
-        return 0
-    return value
+def _grid_value(key: str, value: Any) -> Any:
+    """A grid value as its field's type (YAML reads `2e-3` as text), so cell names and checks see numbers."""
+    try:
+        return coerce_field(key, value)
+    except ConfigError as exc:
+        raise ConfigError(f"grid option '{key}': {exc}") from None
 
 
 def expand(spec: dict[str, Any], output: str | os.PathLike | None = None,
@@ -151,13 +152,13 @@ def expand(spec: dict[str, Any], output: str | os.PathLike | None = None,
             values = value if isinstance(value, list) else [value]
             if not values:
                 raise ConfigError(f"grid option '{key}' has an empty list of values")
-            values = [_normalise(key, v) for v in values]
+            values = [_grid_value(key, v) for v in values]
             texts = [_value_text(v) for v in values]
             if len(set(texts)) != len(texts):
                 raise ConfigError(f"grid option '{key}' lists a value twice: {values}")
             axes[key] = values
         else:
-            base[key] = _normalise(key, value)
+            base[key] = _grid_value(key, value)
     if "output" in axes or "results" in axes:
         raise ConfigError("'output' and 'results' name the sweep folder and file; they cannot be crossed")
     root = Path(root)
@@ -206,7 +207,7 @@ def _die_with_parent(sweep_pid: int) -> None:
 
 def _error_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    if isinstance(exc, ValueError) or type(exc).__name__ == "TrainingError":
+    if isinstance(exc, DsptError):
         return text or type(exc).__name__
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
@@ -214,7 +215,7 @@ def _error_line(exc: BaseException) -> str:
 def _run_cell(cfg: RunConfig) -> float:
     """Run one cell to the end (resuming it if partial); returns its test accuracy."""
     from .io import process_lock
-    from .train import run_lock_path, train
+    from .train import train
 
     # An earlier sweep's worker may still be finishing this run (where workers do not die with the sweep).
     with process_lock(run_lock_path(Path(cfg.output)), wait=True):
@@ -368,14 +369,12 @@ def run_sweep(
     cells = expand(spec, output, results)  # every cell is checked before anything runs
     if backend == "ray":
         _require_ray()
-    from .train import _check_run_dir, _finished
-
     out = SweepResult(cells, results=Path(cells[0].config.results))
     todo: list[Cell] = []
     for cell in cells:
-        _check_run_dir(cell.config, cell.run_dir)  # a folder of a different run stops the sweep before it starts
+        check_run_dir(cell.config, cell.run_dir)  # a folder of a different run stops the sweep before it starts
         if cell.done():
-            _finished(cell.config, cell.run_dir)  # re-adds a results row lost to a kill after metrics.json
+            finished_metrics(cell.config, cell.run_dir)  # re-adds a results row lost to a kill after metrics.json
             out.skipped.append(cell.name)
         else:
             todo.append(cell)

@@ -1,8 +1,10 @@
 """The training loop: prompt tuning on cached image features, with checkpoint/resume and evaluation.
 
 Data flows one way: dataset -> noise -> feature cache -> training -> metrics -> run directory + results row.
-Every source of randomness is derived from the run seed and the epoch, so a run killed at any point and
-resumed from its last checkpoint ends with exactly the numbers of an uninterrupted run (on the CPU).
+Every source of randomness is derived from the run seed (`dspt.seeds`: one independent stream each for the
+shots, the noise, the validation subset and its noise, the context init, the augmented views and the
+epochs), so a run killed at any point and resumed from its last checkpoint ends with exactly the numbers of
+an uninterrupted run (on the CPU).
 """
 from __future__ import annotations
 
@@ -10,11 +12,10 @@ import json
 import logging
 import math
 import platform
-import random
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,22 +25,24 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from . import __version__
-from .backbone import Backbone, load_backbone
-from .config import ConfigError, RunConfig
-from .data import DataSplits, ImageDataset, find_bad_images, load_data
+from .backbone import Backbone, file_sha256, load_backbone
+from .config import RunConfig
+from .data import (FP_PROTOCOLS, DataError, DataSplits, ImageDataset, false_positive_shots, few_shot_indices,
+                   find_bad_images, load_data, select_training)
+from .errors import BackboneError, ConfigError, TrainingError
 from .features import cached_features
-from .io import (LockBusy, append_jsonl, atomic_write, atomic_write_json, atomic_write_text, process_lock, read_json,
-                 read_jsonl)
+from .io import LockBusy, append_jsonl, atomic_write, atomic_write_json, atomic_write_text, process_lock, read_jsonl
 from .losses import get_loss
 from .metrics import accuracy, logit_gradient_norms, memorisation, per_class_accuracy, predict
 from .noise import NoisyLabels, make_noisy_labels
-from .prompt import PromptClassifier, PromptLearner, context_drift, mean_pairwise_cosine
-from .results import append_result, read_results
-from .errors import TrainingError
+from .numbers import round_half_up
+from .prompt import PromptClassifier, PromptLearner, check_prompt_tunable, context_drift, mean_pairwise_cosine
+from .results import append_result
+from .rundir import (check_run_dir, finished_metrics, has_checkpoint, is_finished, load_checkpoint, result_row,
+                     run_lock_path, save_checkpoint)
+from .seeds import stream_seeds
 
 log = logging.getLogger(__name__)
-
-
 
 
 def lr_at(cfg: RunConfig, epoch: int) -> float:
@@ -50,15 +53,21 @@ def lr_at(cfg: RunConfig, epoch: int) -> float:
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """The epoch's own generator (minibatch order and view choice), so a resumed run redraws nothing."""
     return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, epoch, 7]).generate_state(1)[0]))
 
 
 def versions(device: torch.device) -> dict[str, str]:
-    import open_clip
+    """Versions of Python, dspt and every package that decides a run's numbers, and the device."""
+    from importlib.metadata import PackageNotFoundError, version
 
-    info = {"dspt": __version__, "torch": torch.__version__, "open_clip": open_clip.__version__,
-            "numpy": np.__version__, "python": sys.version.split()[0], "platform": platform.platform(),
+    info = {"dspt": __version__, "python": sys.version.split()[0], "platform": platform.platform(),
             "device": str(device)}
+    for package in ("torch", "torchvision", "open_clip_torch", "numpy", "pillow", "safetensors", "scikit-learn"):
+        try:
+            info[package] = version(package)
+        except PackageNotFoundError:
+            info[package] = "not installed"
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
@@ -76,76 +85,130 @@ class Prepared:
     train_feats: torch.Tensor  # [V+1, N, E] on the device
     test_feats: torch.Tensor  # [N_test, E] on the device
     cache: dict[str, Any]
+    seeds: dict[str, int] = field(default_factory=dict)
     val: ImageDataset | None = None
     val_feats: torch.Tensor | None = None  # [N_val, E] on the device
-    val_given: np.ndarray | None = None  # validation labels as a user would have them (noisy for sym/pair)
+    val_labels: NoisyLabels | None = None  # validation labels as given (noisy like training, or clean: cfg)
+    val_info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def val_given(self) -> np.ndarray | None:
+        return None if self.val_labels is None else self.val_labels.given
 
 
-def _drop_bad(ds: ImageDataset, skip: bool, what: str) -> tuple[ImageDataset, int]:
+def _drop_bad(ds: ImageDataset, skip: bool, what: str) -> tuple[ImageDataset, list[str]]:
+    """Evaluation splits are used whole, so every image is checked (training draws check only their shots)."""
     if not skip:
-        return ds, 0
+        return ds, []
     bad = set(find_bad_images(ds.paths))
     if bad:
         log.warning("skipping %d unreadable %s image(s), e.g. %s", len(bad), what, next(iter(bad)))
-    return ds.subset([i for i, p in enumerate(ds.paths) if p not in bad]), len(bad)
+    return ds.subset([i for i, p in enumerate(ds.paths) if p not in bad]), sorted(bad)
 
 
 def load_splits(cfg: RunConfig) -> DataSplits:
+    """The dataset's splits. A test split carved out of the data uses `split_seed`, never the run seed, so
+    every seed of a comparison is tested on the same images."""
     return load_data(cfg.dataset, root=cfg.data if cfg.data is not None else cfg.root, test_root=cfg.test_data,
-                     test_fraction=cfg.test_fraction, seed=cfg.seed, classnames=cfg.classnames,
+                     test_fraction=cfg.test_fraction, seed=cfg.split_seed, classnames=cfg.classnames,
                      cache_dir=cfg.cache_dir, download=cfg.download)
+
+
+def validation_labels(cfg: RunConfig, val: ImageDataset, seeds: dict[str, int]
+                      ) -> tuple[ImageDataset, NoisyLabels, dict[str, Any]]:
+    """The validation images and the labels a choice made on them sees.
+
+    By default (`val_labels="noisy"`) they follow the training protocol, so a choice means the same under
+    every protocol: sym / pair flip the same share of labels; symflip / pairflip draw false positives into
+    K images per class the same way (K = `val_shots`, else the training K, at most half the smallest
+    validation class so that enough images are left to be false positives); `given` uses the labels the data ships for its validation images (clean, and said so, where
+    it ships none). `val_labels="clean"` keeps the true labels. `val_shots` keeps K images per class
+    (CoOp's validation subset is min(K, 4)).
+    """
+    info: dict[str, Any] = {"labels": cfg.val_labels, "shots": cfg.val_shots, "protocol": "none"}
+    noisy = cfg.val_labels == "noisy"
+    c = val.num_classes
+    if noisy and cfg.noise in FP_PROTOCOLS and cfg.noise_rate > 0:
+        k = cfg.val_shots or min(cfg.shots, int(val.class_counts().min()) // 2)  # room for false positives
+        fp = round_half_up(cfg.noise_rate * k)
+        if k < 2 or fp >= k:
+            raise DataError(f"the validation split has {int(val.class_counts().min())} image(s) in its smallest "
+                            f"class, too few for {cfg.noise} validation labels at rate {cfg.noise_rate:g}; pass "
+                            "--val-labels clean or add validation images")
+        idx, given = false_positive_shots(val.labels, c, k, fp, cfg.noise, seeds["val_shots"], val.classnames)
+        val = val.subset(idx)
+        labels = make_noisy_labels(val.labels, c, cfg.noise, fp / k, seeds["val_noise"], given=given)
+        info.update(protocol=cfg.noise, shots=k, fp=fp)
+        return val, labels, info
+    if cfg.val_shots:
+        val = val.subset(few_shot_indices(val, cfg.val_shots, seeds["val_shots"]))
+    if noisy and cfg.noise in ("sym", "pair"):
+        labels = make_noisy_labels(val.labels, c, cfg.noise, cfg.noise_rate, seeds["val_noise"])
+        info["protocol"] = cfg.noise
+    elif noisy and cfg.noise == "given" and val.noisy_labels is not None:
+        labels = make_noisy_labels(val.labels, c, "given", 0.0, seeds["val_noise"], given=val.noisy_labels)
+        info["protocol"] = "given"
+    else:
+        if noisy and cfg.noise == "given":
+            info.update(labels="clean", why="the data ships no noisy labels for its validation images")
+        elif noisy and cfg.noise_rate > 0:
+            info.update(labels="clean", why=f"{cfg.noise} noise has no validation counterpart")
+        labels = make_noisy_labels(val.labels, c, "none", 0.0, seeds["val_noise"])
+    return val, labels, info
 
 
 def prepare(cfg: RunConfig, run_dir: Path | None = None) -> Prepared:
     """Data, few-shot subset, noisy labels, backbone and cached features for one run."""
-    from .data import select_training
-
+    seeds = stream_seeds(cfg.seed)
     splits = load_splits(cfg)
-    train, skipped_train = _drop_bad(splits.train, cfg.skip_bad_images, "training")
-    test, skipped_test = _drop_bad(splits.test, cfg.skip_bad_images, "test")
-    # K-shot subset (symflip/pairflip pick false positives into it; `given` samples by the shipped labels)
-    sel = select_training(train, cfg.shots, cfg.seed, cfg.noise, fp=cfg.fp or 0, noise_file=cfg.noise_file,
-                          label_set=cfg.label_set, cache_dir=cfg.cache_dir)
+    test, bad_test = _drop_bad(splits.test, cfg.skip_bad_images, "test")
+    # K-shot subset (symflip/pairflip pick false positives into it; `given` samples by the shipped labels);
+    # with --skip-bad-images only the drawn images are decoded, and a bad one is replaced
+    sel = select_training(splits.train, cfg.shots, seeds["shots"], cfg.noise, fp=cfg.fp or 0,
+                          noise_file=cfg.noise_file, label_set=cfg.label_set, cache_dir=cfg.cache_dir,
+                          skip_bad=cfg.skip_bad_images)
     train, idx = sel.train, sel.indices
-    labels = make_noisy_labels(train.labels, train.num_classes, cfg.noise, cfg.noise_rate, cfg.seed,
+    labels = make_noisy_labels(train.labels, train.num_classes, cfg.noise, cfg.noise_rate, seeds["noise"],
                                **({} if sel.given is None else {"given": sel.given}))
     if sel.info.get("clean_labels_known") is False:
         log.warning("%s ships no clean labels: the realised noise rate cannot be measured (reported as 0)%s",
                     train.name, f"; its verified subset has {sel.info['verified_noise_rate']:.1%} wrong labels"
                     if sel.info.get("verified_noise_rate") is not None else "")
+    val, val_labels, val_info, bad_val = None, None, {}, []
+    if splits.val is not None and len(splits.val):
+        # Hyperparameters are chosen on validation data, never on test.
+        val, bad_val = _drop_bad(splits.val, cfg.skip_bad_images, "validation")
+        val, val_labels, val_info = validation_labels(cfg, val, seeds)
+        val_info.update(n=len(val), realised_rate=val_labels.realised_rate)
+    skipped = {"train": sel.info.get("skipped_images", []), "test": bad_test, "val": bad_val}
     if run_dir is not None:
         atomic_write_text(run_dir / "train_files.csv", "index,path,true,given\n" + "".join(
             f"{i},{p},{t},{g}\n" for i, p, t, g in zip(idx.tolist(), train.paths, labels.true, labels.given)))
         labels.save(run_dir / "noisy_labels.csv")
-        atomic_write_json(run_dir / "dataset.json", sel.info | {"skipped_images": skipped_train + skipped_test})
+        if val_labels is not None:
+            val_labels.save(run_dir / "val_noisy_labels.csv")
+            atomic_write_text(run_dir / "val_files.csv", "path,true,given\n" + "".join(
+                f"{p},{t},{g}\n" for p, t, g in zip(val.paths, val_labels.true, val_labels.given)))
+        atomic_write_json(run_dir / "dataset.json", sel.info | {"skipped_images": skipped, "seeds": seeds,
+                                                                  "split_seed": cfg.split_seed,
+                                                                  "validation": val_info})
 
     backbone = load_backbone(cfg.model, cfg.pretrained, cfg.checkpoint, cfg.device, cfg.precision)
+    check_prompt_tunable(backbone)  # before any image is encoded
     backbone.crop_scale, backbone.hflip = cfg.crop_scale, cfg.hflip
     views = cfg.views if cfg.path == "fast" else 0
     t0 = time.perf_counter()
-    tr = cached_features(backbone, train, "train", views, cfg.seed, cfg.cache_dir, workers=cfg.workers)
-    te = cached_features(backbone, test, "test", 0, cfg.seed, cfg.cache_dir, workers=cfg.workers)
+    tr = cached_features(backbone, train, "train", views, seeds["views"], cfg.cache_dir, workers=cfg.workers)
+    te = cached_features(backbone, test, "test", 0, seeds["views"], cfg.cache_dir, workers=cfg.workers)
     cache = {"train_hit": tr.hit, "test_hit": te.hit, "seconds": time.perf_counter() - t0,
              "train_file": str(tr.path), "test_file": str(te.path),
-             "skipped_images": skipped_train + skipped_test}
+             "skipped_images": sum(len(v) if isinstance(v, list) else int(v) for v in skipped.values())}
     p = Prepared(cfg, backbone, train, test, labels, tr.features.to(backbone.device),
-                 te.features[0].to(backbone.device), cache)
-    if splits.val is not None and len(splits.val):
-        # Hyperparameters are chosen on validation data, never on test. A user's validation labels are as
-        # noisy as the training labels, so label-flip protocols corrupt them too (same rate, same seed).
-        p.val, _ = _drop_bad(splits.val, cfg.skip_bad_images, "validation")
-        va = cached_features(backbone, p.val, "val", 0, cfg.seed, cfg.cache_dir, workers=cfg.workers)
-        p.val_feats = va.features[0].to(backbone.device)
-        val_labels = make_noisy_labels(p.val.labels, p.val.num_classes, cfg.noise if cfg.noise in VAL_NOISE
-                                       else "none", cfg.noise_rate if cfg.noise in VAL_NOISE else 0.0, cfg.seed)
-        p.val_given = val_labels.given
-        if run_dir is not None:
-            val_labels.save(run_dir / "val_noisy_labels.csv")
+                 te.features[0].to(backbone.device), cache, seeds)
+    if val is not None:
+        va = cached_features(backbone, val, "val", 0, seeds["views"], cfg.cache_dir, workers=cfg.workers)
+        p.val, p.val_feats, p.val_labels, p.val_info = val, va.features[0].to(backbone.device), val_labels, val_info
     return p
-
-
-#: Protocols that flip labels independently of the sampling, so they apply to validation labels as well.
-VAL_NOISE = ("sym", "pair")
 
 
 def zeroshot_text_features(backbone: Backbone, classnames: list[str], template: str) -> torch.Tensor:
@@ -202,65 +265,30 @@ class _ReferenceBatches:
         return torch.nn.functional.normalize(feats.float(), dim=-1)
 
 
-def _check_run_dir(cfg: RunConfig, run_dir: Path) -> None:
-    if run_dir.exists() and not run_dir.is_dir():
-        raise TrainingError(f"output '{run_dir}' is a file, not a run folder; choose another --output")
-    existing = run_dir / "config.yaml"
-    if not existing.is_file():
-        return
-    try:
-        old = RunConfig.load(existing)
-    except Exception:
-        raise TrainingError(f"'{existing}' is not a dspt run config; choose another --output") from None
-    if old.identity() != cfg.identity():
-        diff = sorted(k for k, v in cfg.identity().items() if old.identity().get(k) != v)
-        raise TrainingError(f"output folder '{run_dir}' holds a different run (differs in {', '.join(diff[:6])}); "
-                            "choose another --output or delete that folder")
-
-
-def _save_checkpoint(run_dir: Path, learner: PromptLearner, opt: torch.optim.Optimizer, epoch: int) -> None:
-    state = {"epoch": epoch, "ctx": learner.ctx.detach().cpu(), "optimizer": opt.state_dict(),
-             "torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state(), "python_rng": random.getstate()}
-    if torch.cuda.is_initialized():
-        state["cuda_rng"] = torch.cuda.get_rng_state_all()
-    atomic_write(run_dir / "checkpoint.pt", lambda tmp: torch.save(state, tmp))
-
-
-def _load_checkpoint(run_dir: Path) -> dict | None:
-    path = run_dir / "checkpoint.pt"
-    if not path.is_file():
-        return None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        log.warning("checkpoint %s unreadable (%s); starting from epoch 0", path, type(exc).__name__)
-        return None
-    if not isinstance(state, dict) or not {"epoch", "ctx", "optimizer", "torch_rng"} <= state.keys():
-        log.warning("checkpoint %s is not a dspt training checkpoint; starting from epoch 0", path)
-        return None
-    return state
-
-
-def run_lock_path(run_dir: Path) -> Path:
-    """The lock beside a run folder (not inside it: a failed fresh run leaves no folder behind)."""
-    run_dir = Path(run_dir).resolve()
-    return run_dir.parent / f".{run_dir.name}.lock"
-
-
-def _finished(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
-    """A finished run's metrics; its results row is re-added if a kill came between metrics.json and the row."""
-    log.debug("run %s is already complete; returning its metrics", run_dir)
-    metrics = read_json(run_dir / "metrics.json")
-    table = read_results(cfg.results)
-    if table.empty or "run_id" not in table or str(run_dir.resolve()) not in set(table["run_id"].astype(str)):
-        append_result(cfg.results, result_row(cfg, metrics, run_dir))
-    return metrics
-
-
 def _diverged(what: str, cfg: RunConfig, run_dir: Path, last_saved: int) -> TrainingError:
     kept = (f"the last good checkpoint (epoch {last_saved + 1}) is kept in {run_dir} and no metrics were written"
             if last_saved >= 0 else "no epoch had finished, so nothing was kept")
     return TrainingError(f"{what}; lower --lr (now {cfg.lr:g}) and use a new --output; {kept}")
+
+
+def needs_loss_scaling(precision: str, device: torch.device) -> bool:
+    """fp16 autocast needs loss scaling: DSPT's gradients are small by design (about p_y times CE's), so in
+    fp16 they underflow to zero first. bf16 has fp32's range and needs none; on the CPU nothing is cast."""
+    return precision == "fp16" and device.type == "cuda"
+
+
+def grad_scaler(backbone: Backbone) -> torch.amp.GradScaler:
+    return torch.amp.GradScaler(backbone.device.type,
+                                enabled=needs_loss_scaling(backbone.precision, backbone.device))
+
+
+def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
+    """Backward and one SGD step through the scaler (a plain step when it is disabled); a step whose scaled
+    gradients overflowed is skipped and the scale lowered, as torch.amp prescribes."""
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
 
 
 def train(cfg: RunConfig) -> dict[str, Any]:
@@ -272,21 +300,21 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     """
     cfg = cfg.resolved()
     run_dir = Path(cfg.output)
-    _check_run_dir(cfg, run_dir)
-    if (run_dir / "metrics.json").is_file():
+    check_run_dir(cfg, run_dir)
+    if is_finished(run_dir):
         log.info("run %s is already complete; returning its metrics", run_dir)
-        return _finished(cfg, run_dir)
+        return finished_metrics(cfg, run_dir)
     try:
         with process_lock(run_lock_path(run_dir)):
-            _check_run_dir(cfg, run_dir)  # another process may have started or finished it meanwhile
-            if (run_dir / "metrics.json").is_file():
-                return _finished(cfg, run_dir)
+            check_run_dir(cfg, run_dir)  # another process may have started or finished it meanwhile
+            if is_finished(run_dir):
+                return finished_metrics(cfg, run_dir)
             created = not run_dir.exists()
             run_dir.mkdir(parents=True, exist_ok=True)
             try:
                 return _train_in(cfg, run_dir)
             except BaseException:
-                if created and not (run_dir / "checkpoint.pt").is_file():
+                if created and not has_checkpoint(run_dir):
                     shutil.rmtree(run_dir, ignore_errors=True)
                 raise
     except LockBusy as exc:
@@ -294,10 +322,32 @@ def train(cfg: RunConfig) -> dict[str, Any]:
                             "wait for it to finish or stop it") from None
 
 
+def _resume(run_dir: Path, learner: PromptLearner, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+            dev: torch.device) -> int:
+    """Restore the last checkpoint into the learner, optimizer and RNGs; returns the first epoch to run."""
+    ckpt = load_checkpoint(run_dir)
+    if ckpt is None:
+        return 0
+    if tuple(ckpt["ctx"].shape) != tuple(learner.ctx.shape):
+        log.warning("checkpoint in %s does not fit this prompt (shape %s); starting from epoch 0", run_dir,
+                    tuple(ckpt["ctx"].shape))
+        return 0
+    with torch.no_grad():
+        learner.ctx.copy_(ckpt["ctx"].to(dev))
+    if ckpt["momentum"] is not None:
+        opt.state[learner.ctx]["momentum_buffer"] = ckpt["momentum"].to(dev).clone()
+    torch.set_rng_state(ckpt["torch_rng"])
+    if ckpt["cuda_rng"] is not None and dev.type == "cuda":
+        torch.cuda.set_rng_state_all(list(ckpt["cuda_rng"]))
+    if ckpt["scaler"] and scaler.is_enabled():
+        scaler.load_state_dict(ckpt["scaler"])
+    log.info("resuming %s at epoch %d", run_dir, ckpt["epoch"] + 2)
+    return ckpt["epoch"] + 1
+
+
 def _train_in(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     p = prepare(cfg, run_dir)
-    atomic_write_text(run_dir / "config.yaml", cfg.dump())  # after the inputs checked out
     dev = p.backbone.device
     atomic_write_json(run_dir / "environment.json", versions(dev))
     given = torch.as_tensor(p.labels.given, device=dev)
@@ -307,40 +357,28 @@ def _train_in(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     zs_text = zeroshot_text_features(p.backbone, p.train.classnames, cfg.template)
     zs_pred = predict(p.test_feats, zs_text)
     learner = PromptLearner(p.backbone, p.train.classnames, cfg.n_ctx, cfg.ctx_init, cfg.csc,
-                            cfg.class_token_position, seed=cfg.seed)
+                            cfg.class_token_position, seed=p.seeds["init"])
+    if learner.n_ctx != cfg.n_ctx:  # the config is resolved with the model's tokenizer: they must agree
+        raise TrainingError(f"the prompt has {learner.n_ctx} context vectors but the config says {cfg.n_ctx}; "
+                            "please report this as a dspt bug")
+    atomic_write_text(run_dir / "config.yaml", cfg.dump())  # after the inputs checked out: what runs
     fast = cfg.path == "fast"  # reference: CoOp's text side too (all context tokens per prompt, fp32)
     clf = PromptClassifier(p.backbone, learner, truncate=fast, share_prefix=fast, mixed_precision=fast)
     ctx0 = learner.ctx.detach().clone()
     with torch.no_grad():
         init_cos = mean_pairwise_cosine(clf.text_features())
     opt = torch.optim.SGD([learner.ctx], lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    scaler = grad_scaler(p.backbone)
 
-    start = 0
-    ckpt = _load_checkpoint(run_dir)
+    start = _resume(run_dir, learner, opt, scaler, dev)
     log_path = run_dir / "log.jsonl"
-    if ckpt is not None and tuple(ckpt.get("ctx", torch.empty(0)).shape) != tuple(learner.ctx.shape):
-        log.warning("checkpoint in %s does not fit this prompt (shape %s); starting from epoch 0", run_dir,
-                    tuple(ckpt.get("ctx", torch.empty(0)).shape))
-        ckpt = None
-    if ckpt is not None:
-        with torch.no_grad():
-            learner.ctx.copy_(ckpt["ctx"].to(dev))
-        opt.load_state_dict(ckpt["optimizer"])
-        torch.set_rng_state(ckpt["torch_rng"])
-        if "numpy_rng" in ckpt:
-            np.random.set_state(ckpt["numpy_rng"])
-            random.setstate(ckpt["python_rng"])
-        if "cuda_rng" in ckpt and dev.type == "cuda":
-            torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
-        start = ckpt["epoch"] + 1
-        log.info("resuming %s at epoch %d/%d", run_dir, start + 1, cfg.epochs)
     last_saved = start - 1  # epoch of the newest checkpoint on disk (-1: none)
     # Epochs after the checkpoint are recomputed; drop their log lines so each epoch is logged once.
     if log_path.is_file():
         kept = [r for r in read_jsonl(log_path) if r.get("event") != "epoch" or r["epoch"] < start]
         atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in kept))
     append_jsonl(log_path, {"event": "start", "epoch": start, "cache": p.cache, "n_train": n, "classes": c,
-                            "noise": p.labels.summary()})
+                            "noise": p.labels.summary(), "seeds": p.seeds})
 
     reference = _ReferenceBatches(p) if cfg.path == "reference" else None
     views = p.train_feats.shape[0] - 1
@@ -353,7 +391,7 @@ def _train_in(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
         lr = lr_at(cfg, epoch)
         for group in opt.param_groups:
             group["lr"] = lr
-        gen = epoch_generator(cfg.seed, epoch)
+        gen = epoch_generator(p.seeds["epochs"], epoch)
         perm = torch.randperm(n, generator=gen)
         view = torch.randint(1, views + 1, (n,), generator=gen) if views > 0 else torch.zeros(n, dtype=torch.long)
         steps = n // cfg.batch_size if drop_last else 1
@@ -369,9 +407,7 @@ def _train_in(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
             if not torch.isfinite(loss):
                 raise _diverged(f"non-finite loss ({loss.item()}) at epoch {epoch + 1} step {s + 1}", cfg, run_dir,
                                 last_saved)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            optimizer_step(loss, opt, scaler)
             losses.append(loss.item())
         if not torch.isfinite(learner.ctx).all():
             raise _diverged(f"non-finite prompt parameters after epoch {epoch + 1}", cfg, run_dir, last_saved)
@@ -379,7 +415,8 @@ def _train_in(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
                   "seconds": time.perf_counter() - t_epoch}
         record.update(_epoch_diagnostics(p, clf, loss_fn))
         append_jsonl(log_path, record)
-        _save_checkpoint(run_dir, learner, opt, epoch)
+        save_checkpoint(run_dir, epoch, learner.ctx, opt.state.get(learner.ctx, {}).get("momentum_buffer"),
+                        scaler.state_dict() if scaler.is_enabled() else None)
         last_saved = epoch
         bar.set_postfix(loss=f"{record['loss']:.4f}", test=f"{record['test_acc']:.1f}")
     bar.close()
@@ -391,7 +428,7 @@ def _train_in(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
     epochs_log = [r for r in read_jsonl(log_path) if r.get("event") == "epoch"]
     metrics["final_loss"] = epochs_log[-1]["loss"] if epochs_log else float("nan")
     metrics["first_loss"] = epochs_log[0]["loss"] if epochs_log else float("nan")
-    save_prompt(run_dir, learner, cfg)
+    save_prompt(run_dir, learner, cfg, p.backbone)
     atomic_write_json(run_dir / "metrics.json", metrics)  # written last: its presence marks a finished run
     append_result(cfg.results, result_row(cfg, metrics, run_dir))
     append_jsonl(log_path, {"event": "done", "test_acc": metrics["test_acc"]})
@@ -440,44 +477,58 @@ def evaluate(p: Prepared, clf: PromptClassifier, zs_pred: np.ndarray, ctx0: torc
         "n_train": len(p.train),
         "n_test": len(p.test),
         "classes": p.train.num_classes,
+        "validation": p.val_info,
+        "seeds": p.seeds,
     }
 
 
-def result_row(cfg: RunConfig, metrics: dict[str, Any], run_dir: Path) -> dict[str, Any]:
-    return {
-        "run_id": str(run_dir.resolve()), "dataset": Path(cfg.data).name if cfg.data else cfg.dataset,
-        "model": cfg.model, "weights": cfg.checkpoint or cfg.pretrained or "random", "loss": cfg.loss,
-        "noise": cfg.noise, "noise_rate": cfg.noise_rate, "realised_rate": metrics["noise"]["realised_rate"],
-        "shots": cfg.shots, "seed": cfg.seed, "epochs": cfg.epochs, "lr": cfg.lr, "path": cfg.path,
-        "test_acc": metrics["test_acc"], "val_acc_given": metrics.get("val_acc_given", float("nan")),
-        "val_acc": metrics.get("val_acc", float("nan")), "zeroshot_acc": metrics["zeroshot_acc"],
-        "gain_over_zeroshot": metrics["gain_over_zeroshot"], "memorised": metrics["train"]["memorised"],
-        "corrected": metrics["train"]["corrected"], "clean_fit": metrics["train"]["clean_fit"],
-        "text_cosine": metrics["text_cosine"]["final"], "ctx_drift": metrics["ctx_drift"],
-        "train_seconds": metrics["seconds"]["train"],
-    }
-
-
-def save_prompt(run_dir: Path, learner: PromptLearner, cfg: RunConfig) -> None:
-    meta = learner.meta() | {"model": cfg.model, "pretrained": cfg.pretrained, "checkpoint": cfg.checkpoint,
-                             "template": cfg.template}
+def save_prompt(run_dir: Path, learner: PromptLearner, cfg: RunConfig, backbone: Backbone) -> None:
+    """The learned context and what rebuilds the classifier around it: model, weights (a checkpoint by
+    absolute path and sha256, so `load_prompt` can prove it has the same weights), template, classes."""
+    meta = learner.meta() | {"model": cfg.model, "pretrained": cfg.pretrained,
+                             "checkpoint": str(Path(cfg.checkpoint).expanduser().resolve()) if cfg.checkpoint else None,
+                             "weights_id": backbone.weights_id, "template": cfg.template}
     atomic_write(run_dir / "prompt.safetensors",
                  lambda tmp: save_file({"ctx": learner.ctx.detach().cpu().contiguous()}, tmp,
                                        metadata={"meta": json.dumps(meta)}))
 
 
-def load_prompt(run_dir: str | Path, backbone: Backbone | None = None,
-                device: str | None = "cpu") -> PromptClassifier:
-    """Rebuild the classifier of a finished run (the backbone is loaded from the run's config if not given)."""
+def _find_checkpoint(meta: dict[str, Any], run_dir: Path, override: str | Path | None) -> Path:
+    """The run's CLIP checkpoint file: `override`, else the recorded path (absolute, or relative to the run
+    folder or the current folder); its sha256 must be the one the run was trained with."""
+    recorded = Path(meta["checkpoint"]).expanduser()
+    candidates = [Path(override).expanduser()] if override else \
+        ([recorded] if recorded.is_absolute() else [run_dir / recorded, Path.cwd() / recorded])
+    path = next((c for c in candidates if c.is_file()), None)
+    if path is None:
+        raise BackboneError(f"the CLIP checkpoint of run '{run_dir}' is not at {candidates[0]}; pass its current "
+                            "path (load_prompt(..., checkpoint=FILE) or --checkpoint FILE)")
+    expected = meta.get("weights_id")
+    if expected and expected.startswith("sha256:") and "sha256:" + file_sha256(path) != expected:
+        raise BackboneError(f"'{path}' is not the checkpoint run '{run_dir}' was trained with (sha256 differs); "
+                            "pass the original file")
+    return path
+
+
+def load_prompt(run_dir: str | Path, backbone: Backbone | None = None, device: str | None = "cpu",
+                checkpoint: str | Path | None = None) -> PromptClassifier:
+    """Rebuild the classifier of a finished run. The backbone is loaded from the run's record (or given, or
+    from `checkpoint` when the file moved) and must carry the weights the run was trained with."""
     from safetensors import safe_open
 
-    path = Path(run_dir) / "prompt.safetensors"
+    run_dir = Path(run_dir)
+    path = run_dir / "prompt.safetensors"
     if not path.is_file():
         raise ConfigError(f"'{run_dir}' holds no learned prompt (prompt.safetensors); pass a finished run folder")
     with safe_open(str(path), framework="pt") as fh:
         meta = json.loads((fh.metadata() or {})["meta"])
     if backbone is None:
-        backbone = load_backbone(meta["model"], meta["pretrained"], meta["checkpoint"], device)
+        ckpt = _find_checkpoint(meta, run_dir, checkpoint) if meta.get("checkpoint") else None
+        backbone = load_backbone(meta["model"], None if ckpt else meta["pretrained"], ckpt, device)
+    expected = meta.get("weights_id")
+    if expected and backbone.weights_id != expected:
+        raise BackboneError(f"run '{run_dir}' was trained on weights {expected}, but the given backbone has "
+                            f"{backbone.weights_id}; load the run's own model")
     learner = PromptLearner(backbone, meta["classnames"], meta["n_ctx"], meta["ctx_init"], meta["csc"],
                             meta["class_token_position"])
     with torch.no_grad():

@@ -32,6 +32,8 @@ from pathlib import Path
 from typing import Callable
 
 from .base import DataError, is_image
+from .download import download_dataset
+from .folder import read_classname_map
 from .registry import DataSplits, DatasetStatus, default_data_root, register_dataset
 from .splits import (SPLITS, Entries, entries_to_datasets, generated_split_path, input_stamp, read_split_file,
                      split_per_class, write_split_file)
@@ -260,8 +262,6 @@ def _read_fgvc(spec: Benchmark, d: Path, **_: object) -> Entries:
 
 
 def _read_imagenet(spec: Benchmark, d: Path, classnames: str | os.PathLike | None = None, **_: object) -> Entries:
-    from .folder import read_classname_map
-
     images = d / "images"
     for sub in ("train", "val"):
         if not (images / sub).is_dir():
@@ -430,8 +430,6 @@ def load_benchmark(
     except DataError:
         if not download:
             raise
-        from .download import download_dataset
-
         download_dataset(spec.name, root if root is not None else default_data_root())
         d = find_dataset_dir(spec, root)
     entries, source, generated = resolve_entries(spec, d, cache_dir, classnames)
@@ -464,4 +462,4 @@ def probe_benchmark(spec: Benchmark, root: str | os.PathLike, cache_dir: str | o
 for _spec in BENCHMARKS.values():
     register_dataset(_spec.name, kind="benchmark", template=_spec.template,
                      description=f"{_spec.title} (CoOp layout: {_spec.folder}/)", aliases=_spec.aliases,
-                     probe=partial(probe_benchmark, _spec))(partial(load_benchmark, _spec))
+                     probe=partial(probe_benchmark, _spec), guide=COOP_DATASETS_MD)(partial(load_benchmark, _spec))

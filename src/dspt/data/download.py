@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from .base import DataError
+from .registry import resolve_dataset_name
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +110,6 @@ MANUAL = {
 
 def download_dataset(name: str, root: str | os.PathLike | None) -> Path:
     """Download dataset `name` under `root` in the layout its loader reads; returns the root."""
-    from .registry import resolve_dataset_name
-
     name = resolve_dataset_name(name)
     if root is None:
         raise DataError(f"--download needs a data root; pass --root DIR (where {name} is to be placed)")

@@ -14,9 +14,11 @@
 """
 from __future__ import annotations
 
+import codecs
 import logging
 import os
 import pickle
+import re
 import shutil
 from pathlib import Path
 
@@ -24,6 +26,7 @@ import numpy as np
 
 from ..io import atomic_write_json
 from .base import DataError, ImageDataset, cache_root
+from .download import download_dataset
 from .registry import DataSplits, DatasetStatus, default_data_root, register_dataset
 from .splits import clean_classname, input_stamp
 from .table import label_indexer, read_table
@@ -38,9 +41,34 @@ CIFAR = {
 }
 CIFARN_SETS = {"aggre": "aggre_label", "worse": "worse_label", "random1": "random_label1",
                "random2": "random_label2", "random3": "random_label3", "noisy": "noisy_label"}
-_NUMPY_GLOBALS = {"numpy.ndarray", "numpy.dtype", "numpy.core.multiarray._reconstruct",
-                  "numpy._core.multiarray._reconstruct", "numpy.core.multiarray.scalar",
-                  "numpy._core.multiarray.scalar"}
+
+# What unpickling an integer numpy array needs, under the names numpy 1.x (numpy.core) and 2.x (numpy._core) use.
+_RECONSTRUCT = np.ndarray(0).__reduce__()[0]  # multiarray._reconstruct, wherever this numpy keeps it
+_ARRAY_GLOBALS = {"numpy.ndarray": np.ndarray, "numpy.dtype": np.dtype,
+                  "numpy.core.multiarray._reconstruct": _RECONSTRUCT,
+                  "numpy._core.multiarray._reconstruct": _RECONSTRUCT}
+#: torch's weights-only unpickler also checks the class of each dtype it builds: CIFAR-N labels are integers
+_INT_DTYPES = [type(np.dtype(t)) for t in (np.int8, np.int16, np.int32, np.int64,
+                                           np.uint8, np.uint16, np.uint32, np.uint64)]
+_FROMBUFFER = np.ndarray(0).__reduce_ex__(5)[0]  # numeric._frombuffer: arrays pickled at protocol 5
+#: plain pickles (CIFAR's python batches) may also hold arrays pickled at protocol 5 and Python 3 bytes
+_PICKLE_GLOBALS = {**_ARRAY_GLOBALS, "numpy.core.numeric._frombuffer": _FROMBUFFER,
+                   "numpy._core.numeric._frombuffer": _FROMBUFFER, "_codecs.encode": codecs.encode}
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickles plain data and numpy arrays only: a file naming any other class or function is refused before
+    anything from it runs (CIFAR's batches are pickles, and a pickle can otherwise run any code)."""
+
+    def find_class(self, module: str, name: str) -> object:
+        try:
+            return _PICKLE_GLOBALS[f"{module}.{name}"]
+        except KeyError:
+            raise _Refused(f"{module}.{name}") from None
+
+
+class _Refused(pickle.UnpicklingError):
+    """A pickle names a class or function outside the allow-list."""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -50,10 +78,13 @@ _NUMPY_GLOBALS = {"numpy.ndarray", "numpy.dtype", "numpy.core.multiarray._recons
 def _unpickle(path: Path) -> dict:
     try:
         with open(path, "rb") as fh:
-            data = pickle.load(fh, encoding="latin1")
+            data = _ArrayUnpickler(fh, encoding="latin1").load()
     except FileNotFoundError:
         raise DataError(f"CIFAR file '{path}' not found; download the python version of CIFAR "
                         "(or pass --download)") from None
+    except _Refused as exc:
+        raise DataError(f"CIFAR file '{path}' holds objects other than arrays ({exc}); not loaded: download the "
+                        "python version of CIFAR again") from None
     except Exception as exc:
         raise DataError(f"cannot read CIFAR file '{path}' ({type(exc).__name__}); download it again") from None
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in data.items()}
@@ -69,8 +100,6 @@ def _cifar_dir(which: int, root: str | os.PathLike | None, download: bool = Fals
         if (d / spec["meta"]).is_file():
             return d
     if download:
-        from .download import download_dataset
-
         download_dataset(f"cifar{which}", root)
         return _cifar_dir(which, root)
     raise DataError(f"CIFAR-{which} not found: '{root / spec['folder']}' does not exist; put the python version "
@@ -158,19 +187,21 @@ _register_cifar(100)
 
 
 def _load_pt(path: Path) -> dict:
+    """A CIFAR-N label file: a dict of integer numpy arrays, loaded by torch's restricted (weights-only)
+    unpickler with exactly the numpy globals such arrays need; anything else is refused, never run."""
     import torch
-    from torch.serialization import get_unsafe_globals_in_checkpoint
 
+    allowed = [*_INT_DTYPES, *((obj, name) for name, obj in _ARRAY_GLOBALS.items())]
     try:
-        unsafe = set(get_unsafe_globals_in_checkpoint(str(path)))
-    except Exception as exc:
+        with torch.serialization.safe_globals(allowed):
+            data = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # an UnpicklingError naming the refused global, or a damaged file
+        found = re.search(r"GLOBAL (\S+) was not an allowed global|but got <class '([^']+)'>", str(exc))
+        if found:
+            raise DataError(f"label file '{path}' holds objects other than arrays of integers "
+                            f"({found.group(1) or found.group(2)}); "
+                            "expected the CIFAR-N .pt dict of integer label arrays") from None
         raise DataError(f"cannot read label file '{path}' ({type(exc).__name__}); download it again") from None
-    foreign = sorted(g for g in unsafe if g not in _NUMPY_GLOBALS and not g.startswith("numpy.dtypes."))
-    if foreign:
-        raise DataError(f"label file '{path}' holds objects other than arrays ({foreign[0]}); "
-                        "expected the CIFAR-N .pt dict of label arrays")
-    # Only numpy array reconstruction is referenced (checked above), so a full unpickle is safe here.
-    data = torch.load(str(path), map_location="cpu", weights_only=not unsafe)
     if not isinstance(data, dict):
         raise DataError(f"label file '{path}' holds a {type(data).__name__}; expected the CIFAR-N dict of labels")
     return data

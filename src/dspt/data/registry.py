@@ -1,5 +1,7 @@
 """One registry of datasets by name; each builder returns train / (val) / test `ImageDataset`s.
 
+The dataset modules (folder, table, coop, realnoise) register themselves here; this module imports none of them.
+
 Builders are called as ``builder(root=..., test_root=..., test_fraction=..., seed=..., classnames=...,
 cache_dir=..., download=...)`` and ignore the options they have no use for. ``root`` is what the user passed
 as ``--data`` (a folder or a file) or ``--root`` (the folder holding the benchmark datasets).
@@ -7,13 +9,10 @@ as ``--data`` (a folder or a file) or ``--root`` (the folder holding the benchma
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Callable
 
 from .base import DataError, ImageDataset
-from .folder import load_image_folder
-from .sampling import stratified_split
 
 
 @dataclass
@@ -59,7 +58,8 @@ class DatasetInfo:
     aliases: tuple[str, ...] = ()
     #: probe(root, cache_dir) -> DatasetStatus; None: the dataset is not looked for under a data root
     probe: Callable[..., DatasetStatus] | None = None
-    extra: dict = field(default_factory=dict)
+    #: where the dataset's expected layout is documented (`dspt datasets` names it once, below the table)
+    guide: str = ""
 
 
 DATASETS: dict[str, Builder] = {}
@@ -73,13 +73,13 @@ def _norm(name: str) -> str:
 
 def register_dataset(name: str, *, kind: str = "custom", template: str = "a photo of a {}.", description: str = "",
                      aliases: tuple[str, ...] = (), probe: Callable[..., DatasetStatus] | None = None,
-                     ) -> Callable[[Builder], Builder]:
+                     guide: str = "") -> Callable[[Builder], Builder]:
     def deco(fn: Builder) -> Builder:
         if name in DATASETS:
             raise ValueError(f"dataset '{name}' is already registered")
         DATASETS[name] = fn
         INFO[name] = DatasetInfo(name, fn, kind, template, description or (fn.__doc__ or "").strip().split("\n")[0],
-                                 tuple(aliases), probe)
+                                 tuple(aliases), probe, guide)
         for a in (name, *aliases):
             _ALIASES.setdefault(_norm(a), name)
         return fn
@@ -101,52 +101,6 @@ def resolve_dataset_name(name: str) -> str:
 def dataset_template(name: str) -> str:
     """The dataset's zero-shot template (CoOp's per-dataset template for the benchmarks)."""
     return INFO[resolve_dataset_name(name)].template
-
-
-@register_dataset("folder", description="your images: one sub-folder per class (--data FOLDER)")
-def folder_dataset(
-    root: str | os.PathLike | None = None,
-    test_root: str | os.PathLike | None = None,
-    test_fraction: float = 0.2,
-    seed: int = 0,
-    classnames: str | os.PathLike | None = None,
-    **_: object,
-) -> DataSplits:
-    """Class-folder images. Test data: `test_root`, else a `test/` folder beside `train/`, else a seeded
-    stratified `test_fraction` of the images (the split seed is recorded with the run)."""
-    if root is None:
-        raise DataError("no data given; pass --data FOLDER (one sub-folder of images per class)")
-    root = Path(root).expanduser()
-    if root.is_file() and root.suffix.lower() in (".csv", ".tsv", ".tab"):
-        from .table import load_table  # --data labels.csv works without --dataset csv
-
-        return load_table(root, classnames, test_fraction, seed, test_root)
-    if not root.is_dir():
-        raise DataError(f"data folder '{root}' not found; pass a folder with one sub-folder of images per class")
-    splits = _split_dirs(root)
-    train_root = splits.get("train", root)
-    train = load_image_folder(train_root, classnames=classnames)
-    folders = train.meta["class_folders"]
-    val = load_image_folder(splits["val"], classnames, folders) if "val" in splits else None
-    if test_root is not None:
-        test = load_image_folder(test_root, classnames, folders)
-    elif "test" in splits:
-        test = load_image_folder(splits["test"], classnames, folders)
-    else:
-        keep, held = stratified_split(train.labels, test_fraction, seed)
-        train, test = train.subset(keep), train.subset(held)
-        train.meta["split"] = test.meta["split"] = {"test_fraction": test_fraction, "seed": seed}
-    if len(test) == 0:
-        raise DataError(f"no test images under '{test_root or root}'")
-    return DataSplits(train=train, test=test, val=val)
-
-
-def _split_dirs(root: Path) -> dict[str, Path]:
-    """{'train': ..., 'test': ..., 'val': ...} when `root` is laid out as split folders of class folders."""
-    subdirs = {d.name.lower(): d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")}
-    aliases = {"train": ("train", "training"), "test": ("test", "testing"), "val": ("val", "valid", "validation")}
-    found = {k: subdirs[a] for k, names in aliases.items() for a in names if a in subdirs}
-    return found if "train" in found and set(subdirs) <= {a for names in aliases.values() for a in names} else {}
 
 
 def load_data(dataset: str = "folder", **options: object) -> DataSplits:
@@ -186,10 +140,12 @@ def format_status_table(statuses: list[DatasetStatus], root: str | os.PathLike |
     def num(x: int | None) -> str:
         return "-" if x is None else f"{x:,}"
 
-    from .coop import COOP_DATASETS_MD
+    guides = list(dict.fromkeys(INFO[s.name].guide for s in statuses if s.name in INFO and INFO[s.name].guide))
 
-    def short(text: str) -> str:  # the layout guide is named once below, not on every line
-        return text.replace(f" ({COOP_DATASETS_MD})", "").replace(f"{COOP_DATASETS_MD}, ", "")
+    def short(text: str) -> str:  # the layout guides are named once below, not on every line
+        for guide in guides:
+            text = text.replace(f" ({guide})", "").replace(f"{guide}, ", "")
+        return text
 
     lines = [f"data root: {root if root is not None else '(none: pass --root DIR or set DSPT_DATA)'}",
              f"{'dataset':16s} {'kind':11s} {'found':6s} {'classes':>7s} {'train':>10s} {'val':>8s} {'test':>8s}  "
@@ -206,6 +162,6 @@ def format_status_table(statuses: list[DatasetStatus], root: str | os.PathLike |
         if s.note:
             lines.append(f"    note: {short(s.note)}")
     found = sum(s.found for s in statuses)
-    lines.append(f"{found} of {sum(s.kind != 'custom' for s in statuses)} datasets found under the root; layouts and "
-                 f"split files: {COOP_DATASETS_MD}")
+    lines.append(f"{found} of {sum(s.kind != 'custom' for s in statuses)} datasets found under the root"
+                 + (f"; layouts and split files: {', '.join(guides)}" if guides else ""))
     return "\n".join(lines)

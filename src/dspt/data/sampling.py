@@ -1,16 +1,19 @@
-"""Seeded splits and K-shot sampling; the chosen indices are saved so a run can be reproduced exactly."""
+"""Seeded splits and K-shot sampling; the chosen indices are saved so a run can be reproduced exactly.
+
+Only index arithmetic on labels: nothing here opens an image (`training.select_training` checks images).
+"""
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ..io import atomic_write_text
+from ..numbers import round_half_up
 from .base import DataError, ImageDataset, cache_root
 
 log = logging.getLogger(__name__)
@@ -25,7 +28,7 @@ def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np
     for c in np.unique(labels):
         idx = np.flatnonzero(labels == c)
         idx = idx[rng.permutation(len(idx))]
-        n_held = int(np.floor(fraction * len(idx) + 0.5))
+        n_held = round_half_up(fraction * len(idx))
         n_held = min(max(n_held, 1 if len(idx) > 1 else 0), len(idx) - 1)
         held.append(idx[:n_held])
         keep.append(idx[n_held:])
@@ -117,10 +120,16 @@ def _subset_key(dataset: ImageDataset, labels: np.ndarray) -> str:
 
 
 def fewshot_file(dataset: ImageDataset, split: str, shots: int, seed: int, noise: str | None, fp: int,
-                 cache_dir: str | os.PathLike | None, labels: np.ndarray | None = None) -> Path:
-    """<cache>/fewshot/<dataset>/<split>-k<K>-s<seed>[-<noise>-fp<FP>]-<content key>.json"""
+                 cache_dir: str | os.PathLike | None, labels: np.ndarray | None = None,
+                 skip_bad: bool = False) -> Path:
+    """<cache>/fewshot/<dataset>/<split>-k<K>-s<seed>[-<noise>-fp<FP>|-given][-skipbad]-<content key>.json
+
+    `skip_bad`: the subset after unreadable images were replaced (`training.select_training`), kept apart from
+    the plain draw, which a run without --skip-bad-images uses.
+    """
     key = _subset_key(dataset, dataset.labels if labels is None else labels)
     tag = f"-{noise}-fp{fp}" if noise in FP_PROTOCOLS else ("-given" if labels is not None else "")
+    tag += "-skipbad" if skip_bad else ""
     return cache_root(cache_dir) / "fewshot" / dataset.name / f"{split}-k{shots}-s{seed}{tag}-{key}.json"
 
 
@@ -153,71 +162,19 @@ def cached_few_shot(dataset: ImageDataset, shots: int, seed: int, cache_dir: str
     else:
         view = dataset if labels is None else ImageDataset(dataset.paths, labels, dataset.classnames, dataset.name)
         idx, given = few_shot_indices(view, shots, seed), None
+    write_few_shot(path, dataset, split, shots, seed, noise, fp, idx, given)
+    return idx, given
+
+
+def write_few_shot(path: Path, dataset: ImageDataset, split: str, shots: int, seed: int, noise: str | None, fp: int,
+                   idx: np.ndarray, given: np.ndarray | None, **extra: object) -> None:
+    """Store a K-shot subset as JSON (indices, given labels, paths relative to the data root, `extra`)."""
     base = dataset.meta.get("root")
     rel = [os.path.relpath(dataset.paths[i], base) if base else dataset.paths[i] for i in idx.tolist()]
     record = {"dataset": dataset.name, "split": split, "shots": shots, "seed": seed, "noise": noise, "fp": fp,
               "n": len(dataset), "root": base, "indices": idx.tolist(),
-              "given": None if given is None else given.tolist(), "paths": rel}
+              "given": None if given is None else given.tolist(), "paths": rel, **extra}
     try:
         atomic_write_text(path, json.dumps(record) + "\n")
     except OSError as exc:  # a read-only cache must not stop a run: the subset is reproducible anyway
         log.warning("cannot write few-shot file %s (%s)", path, exc)
-    return idx, given
-
-
-@dataclass
-class TrainingSubset:
-    """The images a run trains on and the labels it is given (before any synthetic noise)."""
-
-    train: ImageDataset  # the chosen images; .labels are the true labels
-    indices: np.ndarray  # into the full training split
-    given: np.ndarray | None  # labels to train on when they are not drawn by a noise protocol (given, *flip)
-    info: dict  # what was done, saved with the run (dataset.json)
-
-
-def select_training(train: ImageDataset, shots: int, seed: int, noise: str = "sym", fp: int = 0,
-                    noise_file: str | os.PathLike | None = None, label_set: str | None = None,
-                    cache_dir: str | os.PathLike | None = None) -> TrainingSubset:
-    """K-shot subset (or the full split, shots 0) and, for `given` / symflip / pairflip, the given labels.
-
-    - symflip / pairflip choose K images per class of which FP are false positives (:func:`false_positive_shots`);
-    - given: the labels shipped with the data (or `noise_file`); the K shots are drawn per *given* class, as a
-      user holding only those labels would; where the data has no clean labels the true labels are unknown and
-      set equal to the given ones (the realised noise rate then cannot be measured; `info` says so);
-    - otherwise K images per (clean) class; a noise protocol corrupts their labels afterwards.
-    The subset is stored in the cache as a few-shot file keyed by dataset, split, K, seed (and protocol).
-    """
-    info: dict = {"dataset": train.name, "n_pool": len(train), "shots": shots, "seed": seed, "noise": noise,
-                  "split_source": train.meta.get("split_source"), "split_generated": train.meta.get("split_generated")}
-    for key in ("verified_noise_rate", "verified_train", "table", "source"):
-        if key in train.meta:
-            info[key] = train.meta[key]
-    if noise in FP_PROTOCOLS:
-        idx, given = cached_few_shot(train, shots, seed, cache_dir, noise=noise, fp=fp)
-        info.update(fp=fp, fewshot_file=str(fewshot_file(train, "train", shots, seed, noise, fp, cache_dir)))
-        return TrainingSubset(train.subset(idx), idx, given, info)
-    pool_given, clean_known = None, True
-    if noise == "given":
-        from .realnoise import given_labels
-
-        pool_given, clean_known = given_labels(train, noise_file, label_set)
-        info.update(noise_file=str(noise_file) if noise_file else None, label_set=label_set,
-                    clean_labels_known=clean_known)
-        if clean_known:
-            info["pool_noise_rate"] = float((pool_given != train.labels).mean()) if len(train) else 0.0
-    elif noise_file is not None or label_set is not None:
-        raise DataError("--noise-file / --label-set hold real noisy labels; use them with --noise given")
-    if shots > 0:
-        idx, _ = cached_few_shot(train, shots, seed, cache_dir, labels=pool_given)
-        info["fewshot_file"] = str(fewshot_file(train, "train", shots, seed, None, 0, cache_dir, pool_given))
-    else:
-        counts = np.bincount(train.labels if pool_given is None else pool_given, minlength=train.num_classes)
-        empty = [train.classnames[c] for c, n in enumerate(counts) if n == 0]
-        if empty:
-            raise DataError(f"class '{empty[0]}' has no training images; add images or remove the class")
-        idx = np.arange(len(train))
-    sub = train.subset(idx)
-    given = None if pool_given is None else pool_given[idx]
-    if given is not None and not clean_known:
-        sub.labels = given.copy()  # true labels unknown: report against the given ones
-    return TrainingSubset(sub, idx, given, info)

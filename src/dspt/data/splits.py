@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
 
-from ..io import atomic_write_text
+from ..io import atomic_write_text, file_stamp
+from ..numbers import round_half_up
 from .base import DataError, ImageDataset, cache_root
 
 SPLITS = ("train", "val", "test")
@@ -27,10 +27,6 @@ Entries = dict[str, list[Entry]]
 GENERATOR_VERSION = 1
 #: generated splits are one fixed split per dataset (like CoOp's), independent of the run seed
 SPLIT_SEED = 1
-
-
-def round_half_up(x: float) -> int:
-    return int(math.floor(x + 0.5))
 
 
 def clean_classname(name: str) -> str:
@@ -171,11 +167,7 @@ def input_stamp(paths: Iterable[Path]) -> str:
     """Changes when any input file (or the listing of an input folder) changes."""
     digest = hashlib.sha256()
     for p in paths:
-        try:
-            st = os.stat(p)
-            digest.update(f"{Path(p).resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-        except OSError:
-            digest.update(f"{p}|missing\n".encode())
+        digest.update(f"{Path(p).resolve()}|{file_stamp(p)}\n".encode())
     return digest.hexdigest()[:16]
 
 

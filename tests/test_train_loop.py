@@ -1,0 +1,110 @@
+"""The loop's parts: lr schedule, view sampling, loss scaling, safe checkpoints, what a run records."""
+from __future__ import annotations
+
+import json
+import math
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from dspt.config import RunConfig
+from dspt.rundir import CHECKPOINT, load_checkpoint, save_checkpoint
+from dspt.train import epoch_generator, grad_scaler, lr_at, needs_loss_scaling, optimizer_step, train
+
+from imagefolders import make_split_folders
+
+
+def test_lr_schedule_is_warmup_then_cosine():
+    cfg = RunConfig(data="x", lr=0.01, warmup_lr=1e-5, warmup_epochs=2, epochs=10).resolved()
+    lrs = [lr_at(cfg, e) for e in range(10)]
+    assert lrs[:2] == [1e-5, 1e-5]
+    assert lrs[2] == pytest.approx(0.01)  # the cosine starts at the full rate right after warm-up
+    for e in range(2, 10):  # CoOp/Dassl: cosine over `epochs`, counted from the end of the warm-up
+        assert lrs[e] == pytest.approx(0.5 * 0.01 * (1 + math.cos(math.pi * (e - 2) / 10)))
+    assert all(a > b for a, b in zip(lrs[2:], lrs[3:]))
+    assert lr_at(RunConfig(data="x", warmup_epochs=0, epochs=4).resolved(), 0) == pytest.approx(0.002)
+
+
+def test_each_epoch_draws_its_own_order_and_views_reproducibly():
+    def draw(seed, epoch, n=50, views=4):
+        gen = epoch_generator(seed, epoch)
+        return torch.randperm(n, generator=gen), torch.randint(1, views + 1, (n,), generator=gen)
+
+    perm, view = draw(3, 0)
+    assert sorted(perm.tolist()) == list(range(50)) and view.min() >= 1 and view.max() <= 4
+    assert set(view.tolist()) == {1, 2, 3, 4}  # view 0 (un-augmented) is never a training view
+    assert all(torch.equal(a, b) for a, b in zip(draw(3, 0), (perm, view)))
+    assert not torch.equal(draw(3, 1)[0], perm) and not torch.equal(draw(4, 0)[0], perm)
+
+
+def test_fp16_uses_a_gradient_scaler_and_small_gradients_survive():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert needs_loss_scaling("fp16", cuda)
+    assert not needs_loss_scaling("bf16", cuda) and not needs_loss_scaling("fp32", cuda)
+    assert not needs_loss_scaling("fp16", cpu)  # the CPU path never casts
+    assert not grad_scaler(types.SimpleNamespace(precision="fp32", device=cpu)).is_enabled()
+
+    # What the scaler is for, on the CPU's fp16 autocast: a DSPT-sized gradient (1e-8) underflows in fp16.
+    def grad(scaler):
+        w = torch.nn.Parameter(torch.ones(4))
+        opt = torch.optim.SGD([w], lr=1.0)
+        with torch.autocast("cpu", dtype=torch.float16):
+            y = w[None] @ torch.ones(4, 2)
+        loss = y.float().sum() * 1e-8
+        optimizer_step(loss, opt, scaler)
+        return w.grad  # unscaled by the scaler before the step
+
+    assert torch.all(grad(torch.amp.GradScaler("cpu", enabled=False)) == 0)  # lost without scaling
+    assert torch.allclose(grad(torch.amp.GradScaler("cpu", enabled=True)), torch.full((4,), 2e-8), rtol=1e-2)
+
+
+def test_checkpoint_round_trip_is_safetensors_only(tmp_path):
+    ctx, mom = torch.randn(4, 8), torch.randn(4, 8)
+    save_checkpoint(tmp_path, 5, ctx, mom, {"scale": 1024.0})
+    state = load_checkpoint(tmp_path)
+    assert state["epoch"] == 5 and torch.equal(state["ctx"], ctx) and torch.equal(state["momentum"], mom)
+    assert torch.equal(state["torch_rng"], torch.get_rng_state()) and state["scaler"] == {"scale": 1024.0}
+    assert (tmp_path / CHECKPOINT).read_bytes()[:8] != b"\x80\x02\x8a\nl\xfc\x9cF"  # not a pickle
+
+
+class _Payload:
+    def __reduce__(self):
+        return (Path.write_text, (Path(_Payload.marker), "code ran"))
+
+
+def test_a_planted_pickle_in_a_run_folder_never_runs(tmp_path, images):
+    """A shared run folder must not be able to execute code on resume: an old-style checkpoint.pt whose
+    pickle would write a file is ignored (the run starts over), never unpickled."""
+    _Payload.marker = str(tmp_path / "pwned")
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save({"epoch": 3, "ctx": torch.zeros(4, 8), "evil": _Payload()}, run / "checkpoint.pt")
+    cfg = RunConfig(data=str(images), model="dspt-tiny", pretrained=None, shots=4, views=1, n_ctx=4, epochs=2,
+                    batch_size=4, device="cpu", cache_dir=str(tmp_path / "cache"), output=str(run), progress=False)
+    metrics = train(cfg)
+    assert not (tmp_path / "pwned").exists()
+    starts = [json.loads(l) for l in (run / "log.jsonl").read_text().splitlines() if '"start"' in l]
+    assert starts[0]["epoch"] == 0 and metrics["n_train"] == 12
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_split_folders(tmp_path_factory.mktemp("imgs"), classes=3, train=10, test=5)
+
+
+def test_run_records_what_ran(data, tmp_path):
+    cfg = RunConfig(data=str(data), model="dspt-tiny", pretrained=None, shots=4, views=1, ctx_init="a photo of a",
+                    epochs=2, batch_size=4, device="cpu", cache_dir=str(tmp_path / "cache"), seed=0,
+                    output=str(tmp_path / "run"), progress=False)
+    metrics = train(cfg)
+    recorded = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert recorded["n_ctx"] == 4 and recorded["seed"] == 0 and recorded["split_seed"] == 1
+    env = json.loads((tmp_path / "run" / "environment.json").read_text())
+    assert {"dspt", "torch", "torchvision", "open_clip_torch", "numpy", "python"} <= set(env)
+    dataset = json.loads((tmp_path / "run" / "dataset.json").read_text())
+    assert dataset["seeds"] == metrics["seeds"] and set(dataset["seeds"]) >= {"shots", "noise", "init", "epochs"}
+    assert np.isnan(metrics["train"]["memorised"])  # no wrong label: nothing to memorise
