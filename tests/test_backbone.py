@@ -215,9 +215,11 @@ def test_download_behind_a_proxy_goes_through_the_hub_client(hermetic_hub, hub_t
     assert all(torch.equal(got[k], state[k]) for k in state)
 
 
-@pytest.mark.parametrize("endpoint, host", [(None, "huggingface.co"), ("https://hf-mirror.example", "hf-mirror.example")])
+@pytest.mark.parametrize("endpoint, host", [(None, "huggingface.co"),
+                                            ("https://hf-mirror.example", "hf-mirror.example")])
 def test_network_failure_names_host_proxy_and_checkpoint(hub_tag, sockets, monkeypatch, endpoint, host):
-    go_online(monkeypatch, HTTPS_PROXY="http://proxy.invalid:3128", **({"HF_ENDPOINT": endpoint} if endpoint else {}))
+    go_online(monkeypatch, HTTPS_PROXY="http://proxy.invalid:3128",
+              **({"HF_ENDPOINT": endpoint} if endpoint else {}))
     requests = fake_hub(monkeypatch, network_down)
     with pytest.raises(BackboneError) as err:
         load_backbone("dspt-tiny", hub_tag)
@@ -251,6 +253,26 @@ def test_corrupt_cached_file_is_named_not_reported_unreachable(hermetic_hub, hub
     assert sockets == []
 
 
+def test_test_transform_follows_the_weights_preprocess_config(hermetic_hub, monkeypatch):
+    """Weights whose open_clip preprocess config differs from CLIP's (DFN5B ViT-H-14: squash; MobileCLIP-B,
+    PE-Core: bilinear, other mean): the test transform is open_clip's for those weights, not a fixed one."""
+    import numpy as np
+    import open_clip
+    import open_clip.pretrained as ocp
+    from PIL import Image
+
+    monkeypatch.setitem(ocp._PRETRAINED, "dspt-tiny", {"squash": ocp._pcfg(
+        hf_hub=f"{REPO}/", resize_mode="squash", interpolation="bilinear", mean=(0.5,) * 3, std=(0.25,) * 3)})
+    put_in_hub_cache(hermetic_hub, tiny_weights()[1])
+    bb = load_backbone("dspt-tiny", "squash")
+    _, _, preprocess = open_clip.create_model_and_transforms("dspt-tiny", pretrained="squash")
+    assert (bb.resize_mode, bb.interpolation, bb.mean) == ("squash", "bilinear", (0.5,) * 3)
+    rng = np.random.default_rng(0)
+    for w, h in [(300, 200), (40, 90)]:
+        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        assert torch.equal(bb.test_transform()(img), preprocess(img))
+
+
 def test_test_transform_repr_is_stable():
     """The feature-cache key holds repr(test_transform()): no object addresses, same in every process."""
     bb = load_backbone("dspt-tiny")
@@ -274,3 +296,26 @@ def test_view_augmentation_options_reach_transform_and_cache_key(tmp_path):
     assert crop.scale == (0.8, 1.0) and flip.p == 0.0
     assert cache_key(bb, ds, "train", views=2, seed=0) != default
     assert cache_key(bb, ds, "test", views=0, seed=0) == cache_key(load_backbone("dspt-tiny"), ds, "test", 0, 0)
+
+
+@pytest.mark.parametrize("trained_with_quick_gelu", [True, False])
+def test_weights_get_the_activation_they_were_trained_with(hermetic_hub, sockets, monkeypatch,
+                                                           trained_with_quick_gelu):
+    """OpenAI's weights were trained with QuickGELU while open_clip's plain configs (RN50, ViT-B-16) use GELU:
+    the model is built with the tag's activation, and the feature cache key tells the two apart."""
+    import open_clip.pretrained as ocp
+
+    from dspt.features import cache_key
+    from dspt.data import ImageDataset
+
+    monkeypatch.setitem(ocp._PRETRAINED, "dspt-tiny",
+                        {"hubtest": ocp._pcfg(hf_hub=f"{REPO}/", quick_gelu=trained_with_quick_gelu)})
+    state, data = tiny_weights()
+    put_in_hub_cache(hermetic_hub, data)
+    fake_hub(monkeypatch, online=lambda *a: pytest.fail("went online although the file is cached"))
+    bb = load_backbone("dspt-tiny", "hubtest")
+    acts = {type(m).__name__ for m in bb.model.modules()} & {"QuickGELU", "GELU"}
+    assert bb.quick_gelu is trained_with_quick_gelu
+    assert acts == ({"QuickGELU"} if trained_with_quick_gelu else {"GELU"})
+    key = cache_key(bb, ImageDataset([], [], ["a", "b"]), "test", 0, 0)
+    assert key["quick_gelu"] is trained_with_quick_gelu

@@ -338,6 +338,20 @@ def test_dspt_datasets_lists_found_and_missing(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)[0]["classes"] == 3
 
 
+def test_status_table_names_the_layout_guide_once(tmp_path):
+    from dspt.data import DATASETS, format_status_table
+    from dspt.data.coop import COOP_DATASETS_MD
+
+    statuses = dataset_status(tmp_path, tmp_path / "cache")
+    table = format_status_table(statuses, tmp_path)
+    assert table.count(COOP_DATASETS_MD) == 1 and table.splitlines()[-1].endswith(COOP_DATASETS_MD)
+    assert "missing: " in table and "0 of 14 datasets found" in table
+    custom = [s.name for s in statuses if s.kind == "custom"]
+    assert custom == ["folder", "csv"] and list(DATASETS)[0] == "folder"  # registration order is listing order
+    own = format_status_table([s for s in statuses if s.kind == "custom"], None)
+    assert COOP_DATASETS_MD not in own and own.splitlines()[-1] == "0 of 0 datasets found under the root"
+
+
 def test_download_lays_out_coop_folders(tmp_path, monkeypatch):
     import torchvision.datasets as tvd
     from scipy.io import savemat

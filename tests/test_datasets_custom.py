@@ -111,3 +111,123 @@ def test_unreadable_image_error_and_skip(tmp_path):
     kept, skipped = _drop_bad(train, True, "training")
     assert skipped == [str(bad)] and str(bad) not in kept.paths
     assert RunConfig(data=str(tmp_path / "img"), skip_bad_images=True).resolved().skip_bad_images
+
+
+# ----------------------------------------------------------------------------------------------------------
+# --skip-bad-images: only the drawn shots are decoded; unreadable ones are replaced within their class / source
+
+
+@pytest.fixture
+def pool_with_bad_images(tmp_path):
+    """4 classes x 25 images (8x8 JPEGs), every 7th file corrupt: (dataset, set of bad paths)."""
+    from dspt.data import ImageDataset
+
+    paths, labels, bad = [], [], set()
+    for c in range(4):
+        for i in range(25):
+            p = write_jpeg(tmp_path / "pool" / f"c{c}" / f"{i:02d}.jpg", seed=c * 100 + i)
+            if (c * 25 + i) % 7 == 3:
+                p.write_bytes(b"not a jpeg")
+                bad.add(str(p))
+            paths.append(str(p))
+            labels.append(c)
+    ds = ImageDataset(paths, labels, ["cat", "dog", "fox", "owl"], name="pool", meta={"root": str(tmp_path / "pool")})
+    return ds, bad
+
+
+@pytest.fixture
+def decoded(monkeypatch):
+    """Every image the data code decodes, in order."""
+    import dspt.data.base as base
+
+    seen: list[str] = []
+    real = base.image_is_readable
+
+    def counting(path: str) -> bool:
+        seen.append(path)
+        return real(path)
+
+    monkeypatch.setattr(base, "image_is_readable", counting)
+    return seen
+
+
+def _seed_drawing_a_bad_image(ds, bad, shots, tmp_path, **kw) -> int:
+    from dspt.data import select_training
+
+    for seed in range(100):
+        if bad & set(select_training(ds, shots, seed, cache_dir=tmp_path / "plain", **kw).train.paths):
+            return seed
+    raise AssertionError("no seed draws a corrupt image")
+
+
+@pytest.mark.parametrize("noise,fp", [("sym", 0), ("symflip", 2), ("pairflip", 1)])
+def test_skip_bad_decodes_only_the_drawn_shots(pool_with_bad_images, decoded, tmp_path, noise, fp):
+    from dspt.data import select_training
+
+    ds, bad = pool_with_bad_images
+    shots = 5
+    seed = _seed_drawing_a_bad_image(ds, bad, shots, tmp_path, noise=noise, fp=fp)
+    plain = select_training(ds, shots, seed, noise, fp=fp, cache_dir=tmp_path / "plain")
+    decoded.clear()
+    sel = select_training(ds, shots, seed, noise, fp=fp, cache_dir=tmp_path / "cache", skip_bad=True)
+    n_skipped = sel.info["skipped_images"]
+    assert n_skipped >= 1 and set(sel.info["skipped_examples"]) <= bad
+    # the K*C drawn images, then one decode per replacement candidate: never the pool of 100
+    assert len(decoded) == shots * ds.num_classes + n_skipped < len(ds)
+    assert not bad & set(sel.train.paths) and len(set(sel.indices.tolist())) == len(sel.indices) == shots * 4
+    assert np.all(np.diff(sel.indices) > 0)
+    # the readable shots of the plain draw are kept; replacements come from the same class / source
+    kept = set(plain.indices.tolist()) - {i for i in plain.indices.tolist() if ds.paths[i] in bad}
+    assert kept <= set(sel.indices.tolist())
+    given = sel.given if sel.given is not None else sel.train.labels
+    true = sel.train.labels
+    for c in range(4):
+        mine = given == c
+        assert mine.sum() == shots and (true[mine] != c).sum() == fp  # exactly FP false positives per class
+        if noise == "pairflip":
+            assert set(true[mine & (true != c)].tolist()) <= {(c + 1) % 4}
+    # deterministic: same seed, same subset (fresh cache or not); the subset file holds no unreadable image
+    again = select_training(ds, shots, seed, noise, fp=fp, cache_dir=tmp_path / "other", skip_bad=True)
+    assert np.array_equal(again.indices, sel.indices) and again.info == {
+        **sel.info, "fewshot_file": again.info["fewshot_file"]}
+    assert np.array_equal(select_training(ds, shots, seed, noise, fp=fp, cache_dir=tmp_path / "cache",
+                                          skip_bad=True).indices, sel.indices)
+    record = json.loads(Path(sel.info["fewshot_file"]).read_text())
+    assert "-skipbad-" in Path(sel.info["fewshot_file"]).name and record["indices"] == sel.indices.tolist()
+    assert not bad & {str(Path(record["root"]) / p) for p in record["paths"]}
+    # the plain draw (a run without --skip-bad-images) is not changed by the skip variant's file
+    assert np.array_equal(select_training(ds, shots, seed, noise, fp=fp, cache_dir=tmp_path / "cache").indices,
+                          plain.indices)
+
+
+def test_skip_bad_without_bad_images_is_the_plain_draw(pool_with_bad_images, decoded, tmp_path):
+    from dspt.data import select_training
+
+    ds, bad = pool_with_bad_images
+    good = ds.subset([i for i, p in enumerate(ds.paths) if p not in bad])
+    plain = select_training(good, 3, 1, cache_dir=tmp_path)
+    sel = select_training(good, 3, 1, cache_dir=tmp_path, skip_bad=True)
+    assert np.array_equal(sel.indices, plain.indices) and sel.info["skipped_images"] == 0
+    assert sel.info["fewshot_file"] == plain.info["fewshot_file"] and len(decoded) == 12
+
+
+def test_skip_bad_full_split_checks_every_image(pool_with_bad_images, decoded, tmp_path):
+    from dspt.data import select_training
+
+    ds, bad = pool_with_bad_images
+    sel = select_training(ds, 0, 0, cache_dir=tmp_path, skip_bad=True)
+    assert len(decoded) == len(ds) and sel.info["skipped_images"] == len(bad)
+    assert sorted(sel.train.paths) == sorted(set(ds.paths) - bad)
+
+
+def test_skip_bad_class_out_of_readable_images(tmp_path):
+    from dspt.data import ImageDataset, select_training
+
+    paths = [str(write_jpeg(tmp_path / f"{c}{i}.jpg", seed=i)) for c in "ab" for i in range(5)]
+    for p in paths[:2]:
+        Path(p).write_bytes(b"broken")
+    ds = ImageDataset(paths, [0] * 5 + [1] * 5, ["fox", "owl"], name="tiny")
+    with pytest.raises(DataError, match=r"class 'fox' runs out of readable images: 2 of its 5 training image\(s\) "
+                                        r"are unreadable, too many for --shots 4"):
+        select_training(ds, 4, 0, cache_dir=tmp_path, skip_bad=True)
+    assert len(select_training(ds, 3, 0, cache_dir=tmp_path, skip_bad=True).indices) == 6

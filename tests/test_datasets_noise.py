@@ -202,6 +202,58 @@ def test_cifar100n_single_label_set_and_foreign_objects(tmp_path):
         read_cifarn(tmp_path / "odd.pt", None, s.train)
 
 
+class _WritesMarker:
+    """Unpickling this runs code: it writes the file `path` (what a malicious label file could do)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return (exec, (f"open({str(self.path)!r}, 'w').write('pwned')",))
+
+
+def test_cifarn_files_load_without_running_code(tmp_path):
+    labels = make_cifar(tmp_path / "data")
+    s = load_cifar(10, tmp_path / "data", tmp_path / "cache")
+    worse = (labels + 1) % 10
+    pt = tmp_path / "CIFAR-10_human.pt"
+    torch.save({"clean_label": labels.astype(np.int64), "worse_label": worse.astype(np.int32)}, pt)
+    assert np.array_equal(read_cifarn(pt, "worse", s.train), worse)
+    # a file written by torch's legacy format under numpy 1.x (numpy.core.multiarray) loads too
+    legacy = tmp_path / "legacy.pt"
+    torch.save({"clean_label": labels, "worse_label": worse}, legacy, _use_new_zipfile_serialization=False)
+    raw = legacy.read_bytes()
+    assert b"numpy._core.multiarray" in raw
+    legacy.write_bytes(raw.replace(b"numpy._core.multiarray", b"numpy.core.multiarray"))
+    assert np.array_equal(read_cifarn(legacy, "worse", s.train), worse)
+    # code in the pickle is refused, never run
+    marker = tmp_path / "marker"
+    evil = tmp_path / "evil.pt"
+    torch.save({"clean_label": labels, "worse_label": _WritesMarker(marker)}, evil)
+    with pytest.raises(DataError, match=r"label file '.*evil.pt' holds objects other than arrays"):
+        read_cifarn(evil, "worse", s.train)
+    assert not marker.exists()
+    # so are arrays CIFAR-N never holds (object arrays unpickle arbitrary objects; floats are no labels)
+    for name, value in (("objects", np.array([1, "x"], dtype=object)), ("floats", np.arange(30.0))):
+        torch.save({"worse_label": value}, tmp_path / f"{name}.pt")
+        with pytest.raises(DataError, match=rf"'.*{name}.pt' holds objects other than arrays of integers"):
+            read_cifarn(tmp_path / f"{name}.pt", "worse", s.train)
+    (tmp_path / "junk.pt").write_bytes(b"not a torch file")
+    with pytest.raises(DataError, match=r"cannot read label file '.*junk.pt'"):
+        read_cifarn(tmp_path / "junk.pt", "worse", s.train)
+
+
+def test_cifar_pickles_load_without_running_code(tmp_path):
+    make_cifar(tmp_path / "data")
+    marker = tmp_path / "marker"
+    with open(tmp_path / "data" / "cifar-10-batches-py" / "batches.meta", "wb") as fh:
+        pickle.dump({b"label_names": [b"cat"], b"x": _WritesMarker(marker)}, fh)
+    with pytest.raises(DataError, match=r"CIFAR file '.*batches.meta' holds objects other than arrays "
+                                        r"\(builtins.exec\)"):
+        load_cifar(10, tmp_path / "data", tmp_path / "cache")
+    assert not marker.exists()
+
+
 def test_generic_noisy_list_and_given_errors(tmp_path):
     for c in ("cat", "dog"):
         for i in range(3):

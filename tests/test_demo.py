@@ -8,12 +8,12 @@ from dspt.cli import main
 
 
 def test_demo_still_exports_what_its_callers_import():
-    """benchmarks/speed.py and older callers import the prior from dspt.demo; cli.py imports the parser."""
+    """benchmarks/speed.py and older callers import the prior from dspt.demo."""
     from dspt import demo, miniature, selection
 
     assert demo.pretrained_miniature is miniature.pretrained_miniature and demo.build_world is miniature.build_world
     assert demo.VIEWS is miniature.VIEWS and demo.select_on_validation is selection.select_on_validation
-    assert callable(demo.run_demo) and callable(demo.add_demo_parser) and callable(demo.cmd_demo)
+    assert callable(demo.run_demo)
 
 
 def test_short_demo_writes_table_plot_results(tmp_path, capsys):

@@ -112,3 +112,8 @@ def test_test_split_is_fixed_across_run_seeds(tmp_path):
     assert tests[0] == tests[1] == tests[2]
     other = load_splits(RunConfig(data=str(tmp_path / "imgs"), split_seed=7).resolved()).test.paths
     assert other != tests[0] and sorted(other) != sorted(tests[0])
+
+
+def test_too_small_a_validation_split_falls_back_to_clean_and_says_why():
+    _, labels, info = validation_labels(_cfg(noise="symflip", shots=4, fp=2), _pool(3), SEEDS)
+    assert labels.realised_rate == 0 and info["labels"] == "clean" and "too few" in info["why"]

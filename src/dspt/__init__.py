@@ -1,10 +1,5 @@
 """dspt: Double-Softmax Prompt Tuning of CLIP models on images with noisy labels."""
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__ = version("dspt")  # one version number: pyproject.toml's
-except PackageNotFoundError:  # a source tree that was never installed
-    __version__ = "0+unknown"
+from .version import __version__
 
 from .config import RunConfig  # noqa: E402
 from .losses import get_loss, loss_names  # noqa: E402

@@ -18,6 +18,8 @@ import torch
 from torchvision import transforms as T
 
 import open_clip
+from open_clip.transformer import QuickGELU
+
 from .errors import BackboneError
 
 log = logging.getLogger(__name__)
@@ -50,6 +52,7 @@ class Backbone:
     interpolation: str = "bicubic"
     resize_mode: str = "shortest"
     fill_color: int = 0
+    quick_gelu: bool = False  # the activation the model was built with (part of every feature-cache key)
 
     @property
     def text(self) -> torch.nn.Module:
@@ -213,7 +216,7 @@ def _create_pretrained(model_name: str, tag: str) -> torch.nn.Module:
             path = open_clip.pretrained.download_pretrained(cfg)
     except Exception as exc:  # open_clip reports every file it cannot find as FileNotFoundError
         cache_miss = exc
-    if path is None:
+    if not path:
         if _offline_mode():
             raise _not_cached(model_name, tag) from cache_miss
         try:
@@ -222,7 +225,10 @@ def _create_pretrained(model_name: str, tag: str) -> torch.nn.Module:
             raise _download_failed(model_name, tag, exc) from exc
     try:  # the file is in the cache now: build from it without any request
         with _hub_offline():
-            return open_clip.create_model(model_name, pretrained=tag, device="cpu")
+            # OpenAI's weights were trained with QuickGELU, which open_clip's plain config names (RN50,
+            # ViT-B-16) do not use: build the activation the weights were trained with, not just warn about it.
+            return open_clip.create_model(model_name, pretrained=tag, device="cpu",
+                                          force_quick_gelu=bool((cfg or {}).get("quick_gelu")))
     except Exception as exc:
         raise BackboneError(
             f"the cached '{model_name}' weights '{tag}' ({path}) are corrupt or truncated ({_root_cause(exc)}); "
@@ -321,6 +327,7 @@ def load_backbone(
         interpolation=cfg.get("interpolation", "bicubic"),
         resize_mode=cfg.get("resize_mode", "shortest"),
         fill_color=int(cfg.get("fill_color", 0)),
+        quick_gelu=any(isinstance(m, QuickGELU) for m in model.modules()),
     )
 
 

@@ -9,7 +9,6 @@ comparison runs on real CLIP.
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import logging
@@ -22,7 +21,7 @@ import pandas as pd
 import torch
 
 from .config import RunConfig
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, TrainingError
 from .io import atomic_write_text
 from .miniature import DEMO_MODEL, VIEWS, build_world, pretrained_miniature
 from .plots import plot
@@ -30,8 +29,7 @@ from .selection import select_on_validation
 from .tables import format_sensitivity, format_table
 
 # Re-exported: callers (tests, benchmarks/speed.py) import these from dspt.demo.
-__all__ = ["run_demo", "pretrained_miniature", "build_world", "VIEWS", "select_on_validation",
-           "add_demo_parser", "cmd_demo"]
+__all__ = ["run_demo", "pretrained_miniature", "build_world", "VIEWS", "select_on_validation"]
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +58,7 @@ def _run_grid(common: dict[str, Any], out: Path, noise_rates: tuple[float, ...],
                       echo=log.info)
     if sweep.failed:
         name, error = next(iter(sweep.failed.items()))
-        raise ValueError(f"demo run {name} failed: {error}")
+        raise TrainingError(f"demo run {name} failed: {error}")
     runs = []
     for cell in sweep.cells:
         m = json.loads((cell.run_dir / "metrics.json").read_text())
@@ -169,54 +167,3 @@ def run_demo(
     return {"table": md, "sensitivity": sens, "setup": setup, "runs": runs, "chosen": chosen,
             "zeroshot_acc": zs["zeroshot_acc"], "prior": prior, "seconds": seconds, "output": out,
             "pretrain_seconds": world["pretrain_seconds"]}
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# CLI: to be moved into cli.py (its owner will; until then cli.py imports add_demo_parser from here).
-# ---------------------------------------------------------------------------------------------------------------
-
-def add_demo_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="DSPT vs CoOp under label noise, offline, in minutes",
-                       description=__doc__.split("\n\n")[0])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output", "-o", help="folder for runs, table, plot (default dspt_demo/seed<SEED>)")
-    p.add_argument("--noise-rates", default="0,0.2,0.4,0.6,0.8", help="comma-separated sym noise rates")
-    p.add_argument("--losses", default="ce,dspt", help="comma-separated losses to compare")
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--shots", type=int, default=16)
-    p.add_argument("--views", type=int, default=10)
-    p.add_argument("--lrs", default="0.0002,0.002,0.02,0.2",
-                   help="learning rates tried per method; the one best on noisy validation labels is reported")
-    p.add_argument("--ctx-init", default="a photo of a", help="context init phrase ('' for random N(0, 0.02))")
-    p.add_argument("--model", help="real CLIP instead of the miniature, e.g. ViT-B-32 (needs --data)")
-    p.add_argument("--pretrained", default="openai")
-    p.add_argument("--checkpoint")
-    p.add_argument("--data", help="image folder (class sub-folders) for a real-CLIP demo")
-    p.add_argument("--test-data")
-    p.add_argument("--cache-dir")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--workers", type=int, default=0)
-    p.add_argument("--jobs", "-j", type=int, help="runs at a time, one process each (default: one per core, "
-                   "at most 4, for the miniature; 1 for real CLIP)")
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=cmd_demo)
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    res = run_demo(seed=args.seed, output=args.output,
-                   noise_rates=tuple(float(r) for r in args.noise_rates.split(",")),
-                   losses=tuple(args.losses.split(",")), epochs=args.epochs, shots=args.shots, views=args.views,
-                   lrs=tuple(float(v) for v in args.lrs.split(",")), ctx_init=args.ctx_init or None,
-                   model=args.model, pretrained=args.pretrained, checkpoint=args.checkpoint,
-                   data=args.data, test_data=args.test_data, cache_dir=args.cache_dir, device=args.device,
-                   workers=args.workers, progress=not args.no_progress, jobs=args.jobs)
-    print(res["setup"])
-    print()
-    print(res["table"])
-    if res["sensitivity"]:
-        print("\nTest accuracy at every lr tried (rate sensitivity, not used to choose):")
-        print(res["sensitivity"])
-    out = res["output"]
-    print(f"\nplot: {out / 'accuracy_vs_noise.png'}  table: {out / 'table.md'}  results: {out / 'results.csv'}")
-    print(f"wall time {res['seconds']:.0f} s (pretraining {res['pretrain_seconds']:.0f} s)")
-    return 0

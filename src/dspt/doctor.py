@@ -5,7 +5,7 @@ import time
 
 import torch
 
-from . import __version__
+from .version import __version__
 from .backbone import TINY_MODELS, load_backbone, resolve_device
 from .features import cache_usage, default_cache_dir
 from .io import stray_temp_files

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import stat
 import sys
 import uuid
 from pathlib import Path
@@ -30,29 +31,34 @@ def file_stamp(path: str | os.PathLike) -> str:
     return f"{st.st_size}:{st.st_mtime_ns}"
 
 
-def _create_temp(path: Path) -> str:
-    """A new, empty, uniquely named file beside `path`, created with mode 0o666 less the umask (what `open` gives
-    any new file), not `tempfile.mkstemp`'s 0o600, so a shared cache stays readable by the group."""
+def _create_temp(path: Path) -> tuple[str, int]:
+    """A new, empty, uniquely named file beside `path` and its permission bits: 0o666 less the umask (what
+    `open` gives any new file), not `tempfile.mkstemp`'s 0o600, so a shared cache stays readable by the group."""
     while True:
         tmp = str(path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp"))
         try:
             fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY | getattr(os, "O_BINARY", 0), 0o666)
         except FileExistsError:  # pragma: no cover - 48 random bits
             continue
-        os.close(fd)
-        return tmp
+        try:
+            return tmp, stat.S_IMODE(os.fstat(fd).st_mode)
+        finally:
+            os.close(fd)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Call `write(tmp_path)`, fsync, then rename onto `path` (same folder, so the rename is atomic).
 
-    The file gets the permissions of any newly created file (0o666 less the umask).
+    The file gets the permissions of any newly created file (0o666 less the umask), also where `write` replaces
+    the temp file by one of its own (safetensors' `save_file` writes a 0o600 file and renames it).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _create_temp(path)
+    tmp, mode = _create_temp(path)
     try:
         write(tmp)
+        if stat.S_IMODE(os.stat(tmp).st_mode) != mode:
+            os.chmod(tmp, mode)
         with open(tmp, "rb+") as fh:  # writable: Windows cannot flush a read-only handle
             os.fsync(fh.fileno())
         os.replace(tmp, path)

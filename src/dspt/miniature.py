@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import __version__
+from .version import __version__
 from .features import default_cache_dir
 from .io import atomic_write, atomic_write_text
 from .pretrain import CAPTION_TEMPLATES, pretrain_clip, template_weights

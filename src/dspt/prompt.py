@@ -41,36 +41,37 @@ def eos_positions(tokens: torch.Tensor, model: nn.Module) -> torch.Tensor:
     raise ValueError(f"text pooling '{pool}' is not supported by prompt tuning; use a CLIP model with EOS pooling")
 
 
-SUPPORTED_TEXT_TOWERS = ("causal open_clip text transformers with EOS/argmax pooling: the OpenAI-style CLIP "
-                         "families (RN50, ViT-B-16, ConvNeXt, EVA02, ...)")
+SUPPORTED_TEXT_TOWERS = ("open_clip text transformers with EOS/argmax pooling: the OpenAI-style CLIP families "
+                         "(RN50, ViT-B-16, ConvNeXt, EVA02, ...; causal towers get the fast truncated path)")
 
 
 def check_prompt_tunable(backbone: Backbone) -> None:
     """Refuse, in one line, a text tower whose features CoOp prompts cannot reproduce.
 
     Prompt tuning replaces token embeddings and pools the EOS position of open_clip's own text transformer
-    (token embedding, positional embedding, causal resblocks, final LayerNorm, projection). Hugging Face text
-    towers (open_clip's HFTextEncoder), bidirectional towers (SigLIP, MobileCLIP-S*), 'last'/'first'/'mean'
-    pooling and CoCa's appended class token do not fit that computation.
+    (token embedding, positional embedding, resblocks, final LayerNorm, projection). The causal towers of the
+    OpenAI-style CLIP families fit, and also run the fast path (truncation, shared prefix); a bidirectional
+    tower that pools at the EOS (MobileCLIP-S*) fits through the plain full-length path. Hugging Face text
+    towers (open_clip's HFTextEncoder), 'last'/'first'/'mean' pooling (SigLIP) and CoCa's appended class token
+    do not.
     """
     model = backbone.model
     text = text_parts(model)
     name = getattr(backbone, "model_name", type(model).__name__)
     parts = ("token_embedding", "positional_embedding", "transformer", "ln_final")
+    reasons = []
     if not all(hasattr(text, a) for a in parts) or not isinstance(getattr(text, "token_embedding", None),
                                                                     nn.Embedding):
         kind = type(text).__name__
         what = f"a Hugging Face text model ({kind})" if "HF" in kind or hasattr(text, "config") else kind
-        reasons = [f"its text tower is {what}, not an open_clip text transformer"]
+        reasons.append(f"its text tower is {what}, not an open_clip text transformer")
     else:
-        reasons = []
-        if not _is_causal(getattr(text, "attn_mask", None)):
-            reasons.append("its text tower attends both ways (no causal mask)")
         pool = getattr(text, "text_pool_type", None) or getattr(text, "pool_type", "argmax")
         if pool not in ("argmax", "eos"):
-            reasons.append(f"it pools text at '{pool}', not at the EOS token")
+            both_ways = "" if _is_causal(getattr(text, "attn_mask", None)) else " with bidirectional attention"
+            reasons.append(f"its text tower pools at '{pool}'{both_ways}, not at the EOS token")
         if getattr(text, "cls_emb", None) is not None:
-            reasons.append("it appends a class token to the text (CoCa)")
+            reasons.append("its text tower appends a class token to the text (CoCa)")
     if reasons:
         raise BackboneError(f"model '{name}' cannot be prompt-tuned: {'; '.join(reasons)}; prompt tuning supports "
                             f"{SUPPORTED_TEXT_TOWERS}")

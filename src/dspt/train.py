@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from . import __version__
+from .version import __version__
 from .backbone import Backbone, file_sha256, load_backbone
 from .config import RunConfig
 from .data import (FP_PROTOCOLS, DataError, DataSplits, ImageDataset, false_positive_shots, few_shot_indices,
@@ -62,8 +62,8 @@ def versions(device: torch.device) -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     info = {"dspt": __version__, "python": sys.version.split()[0], "platform": platform.platform(),
-            "device": str(device)}
-    for package in ("torch", "torchvision", "open_clip_torch", "numpy", "pillow", "safetensors", "scikit-learn"):
+            "device": str(device), "torch": torch.__version__}  # with its build tag (+cu130, +cpu)
+    for package in ("torchvision", "open_clip_torch", "numpy", "pillow", "safetensors", "scikit-learn"):
         try:
             info[package] = version(package)
         except PackageNotFoundError:
@@ -121,25 +121,30 @@ def validation_labels(cfg: RunConfig, val: ImageDataset, seeds: dict[str, int]
     By default (`val_labels="noisy"`) they follow the training protocol, so a choice means the same under
     every protocol: sym / pair flip the same share of labels; symflip / pairflip draw false positives into
     K images per class the same way (K = `val_shots`, else the training K, at most half the smallest
-    validation class so that enough images are left to be false positives); `given` uses the labels the data ships for its validation images (clean, and said so, where
-    it ships none). `val_labels="clean"` keeps the true labels. `val_shots` keeps K images per class
+    validation class so that enough images are left to be false positives; clean, and said so, where the
+    split is too small); `given` uses the labels the data ships for its validation images (clean, and said
+    so, where it ships none). `val_labels="clean"` keeps the true labels. `val_shots` keeps K images per class
     (CoOp's validation subset is min(K, 4)).
     """
     info: dict[str, Any] = {"labels": cfg.val_labels, "shots": cfg.val_shots, "protocol": "none"}
     noisy = cfg.val_labels == "noisy"
     c = val.num_classes
     if noisy and cfg.noise in FP_PROTOCOLS and cfg.noise_rate > 0:
-        k = cfg.val_shots or min(cfg.shots, int(val.class_counts().min()) // 2)  # room for false positives
+        smallest = int(val.class_counts().min())
+        k = cfg.val_shots or min(cfg.shots, smallest // 2)  # room for false positives
         fp = round_half_up(cfg.noise_rate * k)
-        if k < 2 or fp >= k:
-            raise DataError(f"the validation split has {int(val.class_counts().min())} image(s) in its smallest "
-                            f"class, too few for {cfg.noise} validation labels at rate {cfg.noise_rate:g}; pass "
-                            "--val-labels clean or add validation images")
-        idx, given = false_positive_shots(val.labels, c, k, fp, cfg.noise, seeds["val_shots"], val.classnames)
-        val = val.subset(idx)
-        labels = make_noisy_labels(val.labels, c, cfg.noise, fp / k, seeds["val_noise"], given=given)
-        info.update(protocol=cfg.noise, shots=k, fp=fp)
-        return val, labels, info
+        if k >= 2 and 0 < fp < k:
+            idx, given = false_positive_shots(val.labels, c, k, fp, cfg.noise, seeds["val_shots"], val.classnames)
+            val = val.subset(idx)
+            labels = make_noisy_labels(val.labels, c, cfg.noise, fp / k, seeds["val_noise"], given=given)
+            info.update(protocol=cfg.noise, shots=k, fp=fp)
+            return val, labels, info
+        why = (f"the smallest validation class has {smallest} image(s), too few to draw {cfg.noise} false "
+               "positives into")
+        log.warning("validation labels are clean: %s (add validation images, or pass --val-labels clean to "
+                    "silence this)", why)
+        info.update(labels="clean", why=why)
+        noisy = False
     if cfg.val_shots:
         val = val.subset(few_shot_indices(val, cfg.val_shots, seeds["val_shots"]))
     if noisy and cfg.noise in ("sym", "pair"):
@@ -180,7 +185,7 @@ def prepare(cfg: RunConfig, run_dir: Path | None = None) -> Prepared:
         val, bad_val = _drop_bad(splits.val, cfg.skip_bad_images, "validation")
         val, val_labels, val_info = validation_labels(cfg, val, seeds)
         val_info.update(n=len(val), realised_rate=val_labels.realised_rate)
-    skipped = {"train": sel.info.get("skipped_images", []), "test": bad_test, "val": bad_val}
+    skipped = {"test": bad_test, "val": bad_val}  # the training draw's are in sel.info
     if run_dir is not None:
         atomic_write_text(run_dir / "train_files.csv", "index,path,true,given\n" + "".join(
             f"{i},{p},{t},{g}\n" for i, p, t, g in zip(idx.tolist(), train.paths, labels.true, labels.given)))
@@ -189,8 +194,8 @@ def prepare(cfg: RunConfig, run_dir: Path | None = None) -> Prepared:
             val_labels.save(run_dir / "val_noisy_labels.csv")
             atomic_write_text(run_dir / "val_files.csv", "path,true,given\n" + "".join(
                 f"{p},{t},{g}\n" for p, t, g in zip(val.paths, val_labels.true, val_labels.given)))
-        atomic_write_json(run_dir / "dataset.json", sel.info | {"skipped_images": skipped, "seeds": seeds,
-                                                                  "split_seed": cfg.split_seed,
+        atomic_write_json(run_dir / "dataset.json", sel.info | {"skipped_evaluation_images": skipped,
+                                                                  "seeds": seeds, "split_seed": cfg.split_seed,
                                                                   "validation": val_info})
 
     backbone = load_backbone(cfg.model, cfg.pretrained, cfg.checkpoint, cfg.device, cfg.precision)
@@ -202,7 +207,7 @@ def prepare(cfg: RunConfig, run_dir: Path | None = None) -> Prepared:
     te = cached_features(backbone, test, "test", 0, seeds["views"], cfg.cache_dir, workers=cfg.workers)
     cache = {"train_hit": tr.hit, "test_hit": te.hit, "seconds": time.perf_counter() - t0,
              "train_file": str(tr.path), "test_file": str(te.path),
-             "skipped_images": sum(len(v) if isinstance(v, list) else int(v) for v in skipped.values())}
+             "skipped_images": int(sel.info.get("skipped_images", 0)) + len(bad_test) + len(bad_val)}
     p = Prepared(cfg, backbone, train, test, labels, tr.features.to(backbone.device),
                  te.features[0].to(backbone.device), cache, seeds)
     if val is not None:
