@@ -359,8 +359,8 @@ def run_sweep(
     """Run every cell of `grid` (a YAML path or a mapping) that has not finished yet.
 
     `jobs` runs at a time: 1 runs them one after the other in this process; more start one worker process
-    per run (`start_method`, see `_context`) with `threads` torch threads each. Returns which cells were skipped, finished and failed; a failed
-    cell does not stop the others."""
+    per run (`start_method`, see `_context`) with `threads` torch threads each. Returns which cells were
+    skipped, finished and failed; a failed cell does not stop the others."""
     if jobs < 1:
         raise ConfigError(f"--jobs {jobs} is invalid; it must be >= 1")
     if backend not in BACKENDS:

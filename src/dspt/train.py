@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from .version import __version__
 from .backbone import Backbone, file_sha256, load_backbone
 from .config import RunConfig
-from .data import (FP_PROTOCOLS, DataError, DataSplits, ImageDataset, false_positive_shots, few_shot_indices,
+from .data import (FP_PROTOCOLS, DataSplits, ImageDataset, false_positive_shots, few_shot_indices,
                    find_bad_images, load_data, select_training)
 from .errors import BackboneError, ConfigError, TrainingError
 from .features import cached_features
