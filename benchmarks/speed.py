@@ -277,9 +277,9 @@ def fidelity(args) -> dict:
     world = pretrained_miniature(seed=0, progress=False)
     base = dict(model=world["model"], pretrained=None, checkpoint=str(world["checkpoint"]), data=str(world["tune"]),
                 test_data=str(world["test"]), shots=args.shots, epochs=args.fidelity_epochs, views=args.views,
-                batch_size=args.batch_size, n_ctx=args.n_ctx, noise="sym", loss=args.loss, device=args.device,
+                batch_size=args.batch_size, noise="sym", loss=args.loss, device=args.device,
                 progress=False, cache_dir=str(args.work / "fidelity" / "cache"), lr=args.fidelity_lr,
-                ctx_init="a photo of a", template="a photo of a {}.",
+                ctx_init="a photo of a", template="a photo of a {}.",  # the phrase sets the context length
                 results=str(args.work / "fidelity" / "results.csv"), **VIEWS)  # the demo's digit-safe views
     rows = []
     for rate in args.fidelity_noise:

@@ -53,7 +53,3 @@ def test_cached_features_are_group_readable_and_reused(tiny, tmp_path):
     assert not first.hit and first.path.stat().st_mode & 0o777 == 0o664
     again = F.cached_features(tiny, ds, "test", cache_dir=tmp_path / "cache")
     assert again.hit and again.path == first.path and (again.features == first.features).all()
-
-
-def test_module_docstring_stands_alone():
-    assert "DESIGN.md" not in (F.__doc__ or "")

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import ConfigError
+
 __all__ = ["LOSSES", "register_loss", "get_loss", "loss_names", "ClassificationLoss"]
 
 LOSSES: dict[str, type["ClassificationLoss"]] = {}
@@ -60,13 +62,13 @@ def get_loss(name: str, **hparams: float) -> nn.Module:
     """
     key = _normalise(name) if isinstance(name, str) else name
     if key not in LOSSES:
-        raise ValueError(f"unknown loss {name!r}; choose one of: {', '.join(loss_names())}")
+        raise ConfigError(f"unknown loss {name!r}; choose one of: {', '.join(loss_names())}")
     cls = LOSSES[key]
     accepted = cls.hparam_names()
     unknown = [k for k in hparams if k not in accepted]
     if unknown:
         takes = f"it takes: {', '.join(accepted)}" if accepted else "it takes no hyperparameters"
-        raise ValueError(f"unknown hyperparameter(s) {', '.join(unknown)} for loss '{key}'; {takes}")
+        raise ConfigError(f"unknown hyperparameter(s) {', '.join(unknown)} for loss '{key}'; {takes}")
     return cls(**hparams)
 
 
@@ -87,10 +89,10 @@ def _check(loss: str, hp: str, value: float, lo: float, hi: float,
             raise TypeError
         v = float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{loss} hyperparameter {hp}={value!r} must be a number in {rng}") from None
+        raise ConfigError(f"{loss} hyperparameter {hp}={value!r} must be a number in {rng}") from None
     ok = math.isfinite(v) and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
     if not ok:
-        raise ValueError(f"{loss} hyperparameter {hp}={value!r} is outside its valid range {rng}")
+        raise ConfigError(f"{loss} hyperparameter {hp}={value!r} is outside its valid range {rng}")
     return v
 
 

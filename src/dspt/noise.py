@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .errors import ConfigError, DataError
 from .io import atomic_write_text
 from .numbers import round_half_up
 
@@ -66,47 +67,47 @@ def flip_count(n: int, rate: float) -> int:
 def _check_rate(rate: Any) -> float:
     msg = f"noise rate {rate} is outside [0, 1); pass a fraction such as 0.4"
     if isinstance(rate, bool):
-        raise ValueError(msg)
+        raise ConfigError(msg)
     try:
         r = float(rate)
     except (TypeError, ValueError):
-        raise ValueError(f"noise rate {rate!r} is not a number; pass a fraction such as 0.4") from None
+        raise ConfigError(f"noise rate {rate!r} is not a number; pass a fraction such as 0.4") from None
     if not math.isfinite(r):
-        raise ValueError(f"noise rate {rate} is not a finite number in [0, 1); "
+        raise ConfigError(f"noise rate {rate} is not a finite number in [0, 1); "
                          "pass a fraction such as 0.4")
     if not 0.0 <= r < 1.0:
-        raise ValueError(msg)
+        raise ConfigError(msg)
     return r
 
 
 def _check_num_classes(num_classes: Any) -> int:
     if isinstance(num_classes, bool) or not isinstance(num_classes, (int, np.integer)):
-        raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}")
+        raise ConfigError(f"num_classes must be an integer >= 2, got {num_classes!r}")
     if num_classes < 2:
-        raise ValueError(f"num_classes must be >= 2 for label noise, got {num_classes}")
+        raise ConfigError(f"num_classes must be >= 2 for label noise, got {num_classes}")
     return int(num_classes)
 
 
 def _check_seed(seed: Any) -> int:
     # Seed 0 is valid: test for type and sign, never for truthiness.
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer (0 is valid), got {seed!r}")
+        raise ConfigError(f"seed must be a non-negative integer (0 is valid), got {seed!r}")
     return int(seed)
 
 
 def _as_labels(labels: Any, num_classes: int, what: str) -> np.ndarray:
     arr = np.asarray(labels)
     if arr.ndim != 1:
-        raise ValueError(f"{what} labels must be a 1-D array of class indices, got shape {arr.shape}")
+        raise ConfigError(f"{what} labels must be a 1-D array of class indices, got shape {arr.shape}")
     if arr.size and not np.issubdtype(arr.dtype, np.integer):
         if not np.issubdtype(arr.dtype, np.floating) or not np.all(np.isfinite(arr)) \
                 or not np.all(arr == np.round(arr)):
-            raise ValueError(f"{what} labels must be integer class indices, got dtype {arr.dtype}")
+            raise ConfigError(f"{what} labels must be integer class indices, got dtype {arr.dtype}")
     arr = arr.astype(np.int64, copy=True)
     bad = (arr < 0) | (arr >= num_classes)
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        raise ValueError(f"{what} label {int(arr[i])} at index {i} is outside [0, {num_classes}) "
+        raise ConfigError(f"{what} label {int(arr[i])} at index {i} is outside [0, {num_classes}) "
                          f"(num_classes={num_classes}); {int(bad.sum())} label(s) out of range")
     return arr
 
@@ -131,7 +132,7 @@ class NoisyLabels:
         self.true = _as_labels(self.true, self.num_classes, "true")
         self.given = _as_labels(self.given, self.num_classes, "given")
         if self.true.shape != self.given.shape:
-            raise ValueError(f"true and given labels differ in length: "
+            raise ConfigError(f"true and given labels differ in length: "
                              f"{self.true.shape[0]} vs {self.given.shape[0]}")
         self.rate = float(self.rate)
         self.seed = int(self.seed)
@@ -177,16 +178,8 @@ class NoisyLabels:
 
     def summary(self) -> dict[str, Any]:
         """JSON-serialisable report of the noise, as stored with every run."""
-        return {
-            "noise_type": self.noise_type,
-            "rate": self.rate,
-            "seed": self.seed,
-            "num_classes": self.num_classes,
-            "n": len(self),
-            "n_noisy": int(self.is_noisy.sum()),
-            "realised_rate": self.realised_rate,
-            "transition_matrix": self.transition_matrix().tolist(),
-        }
+        return self._meta() | {"realised_rate": self.realised_rate,
+                               "transition_matrix": self.transition_matrix().tolist()}
 
     def _meta(self) -> dict[str, Any]:
         return {
@@ -208,7 +201,7 @@ class NoisyLabels:
         path = Path(path)
         meta_path = path.with_suffix(".json")
         if meta_path == path:
-            raise ValueError(f"noisy-label file {path} must not end in .json "
+            raise DataError(f"noisy-label file {path} must not end in .json "
                              "(the metadata goes to a .json file beside it); use .csv")
         path.parent.mkdir(parents=True, exist_ok=True)
         noisy = self.is_noisy.astype(np.int64)
@@ -233,21 +226,21 @@ class NoisyLabels:
             reader = csv.reader(fh)
             header = next(reader, None)
             if header != _CSV_HEADER:
-                raise ValueError(f"{path}: expected header {','.join(_CSV_HEADER)}, got {header}")
+                raise DataError(f"{path}: expected header {','.join(_CSV_HEADER)}, got {header}")
             rows = [r for r in reader if r]
         try:
             data = np.array(rows, dtype=np.int64).reshape(-1, 4)
         except ValueError as exc:
-            raise ValueError(f"{path}: malformed row ({exc})") from None
+            raise DataError(f"{path}: malformed row ({exc})") from None
         if not np.array_equal(data[:, 0], np.arange(len(data))):
-            raise ValueError(f"{path}: index column must be 0..N-1 in order")
+            raise DataError(f"{path}: index column must be 0..N-1 in order")
         out = cls(true=data[:, 1], given=data[:, 2], num_classes=int(meta["num_classes"]),
                   noise_type=meta["noise_type"], rate=float(meta["rate"]), seed=int(meta["seed"]))
         if not np.array_equal(out.is_noisy, data[:, 3].astype(bool)):
-            raise ValueError(f"{path}: is_noisy column disagrees with true != given")
+            raise DataError(f"{path}: is_noisy column disagrees with true != given")
         if int(meta.get("n", len(out))) != len(out) or \
                 int(meta.get("n_noisy", out.is_noisy.sum())) != int(out.is_noisy.sum()):
-            raise ValueError(f"{path} and {meta_path.name} disagree (n / n_noisy); "
+            raise DataError(f"{path} and {meta_path.name} disagree (n / n_noisy); "
                              "the pair is stale or was edited by hand")
         return out
 
@@ -260,7 +253,7 @@ class NoisyLabels:
 def _none(true: np.ndarray, num_classes: int, rate: float, rng: np.random.Generator) -> np.ndarray:
     """Clean labels."""
     if rate != 0.0:
-        raise ValueError(f"noise type 'none' takes rate 0, got {rate}; "
+        raise ConfigError(f"noise type 'none' takes rate 0, got {rate}; "
                          "pick a noise type such as 'sym' for a non-zero rate")
     return true.copy()
 
@@ -288,10 +281,10 @@ def _pair(true: np.ndarray, num_classes: int, rate: float, rng: np.random.Genera
 
 def _supplied(name: str, true: np.ndarray, num_classes: int, given: Any, how: str) -> np.ndarray:
     if given is None:
-        raise ValueError(f"noise type '{name}' does not draw labels itself: {how}")
+        raise ConfigError(f"noise type '{name}' does not draw labels itself: {how}")
     arr = _as_labels(given, num_classes, "given")
     if arr.shape != true.shape:
-        raise ValueError(f"noise type '{name}': {arr.shape[0]} given labels for {true.shape[0]} samples")
+        raise ConfigError(f"noise type '{name}': {arr.shape[0]} given labels for {true.shape[0]} samples")
     return arr
 
 
@@ -330,7 +323,7 @@ def make_noisy_labels(true_labels: Any, num_classes: int, noise_type: str, rate:
     [0, num_classes), or an unknown protocol.
     """
     if noise_type not in NOISE_TYPES:
-        raise ValueError(f"unknown noise type {noise_type!r}; choose one of: "
+        raise ConfigError(f"unknown noise type {noise_type!r}; choose one of: "
                          f"{', '.join(NOISE_TYPES)}")
     r = _check_rate(rate)
     c = _check_num_classes(num_classes)

@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .backbone import Backbone
-from .errors import BackboneError
+from .errors import BackboneError, ConfigError
 
 POSITIONS = ("end", "middle", "front")
 
@@ -243,9 +243,9 @@ class PromptLearner(nn.Module):
     ):
         super().__init__()
         if class_token_position not in POSITIONS:
-            raise ValueError(f"class token position '{class_token_position}' unknown; choose one of {POSITIONS}")
+            raise ConfigError(f"class token position '{class_token_position}' unknown; choose one of {POSITIONS}")
         if not classnames:
-            raise ValueError("no class names: the dataset has no classes")
+            raise ConfigError("no class names: the dataset has no classes")
         check_prompt_tunable(backbone)
         model, tokenize = backbone.model, backbone.tokenizer
         embed = text_parts(model).token_embedding
@@ -266,7 +266,7 @@ class PromptLearner(nn.Module):
             prefix_text = ctx_init
         else:
             if n_ctx < 1:
-                raise ValueError(f"n_ctx must be >= 1 (got {n_ctx})")
+                raise ConfigError(f"n_ctx must be >= 1 (got {n_ctx})")
             shape = (len(classnames), n_ctx, embed.weight.shape[1]) if csc else (n_ctx, embed.weight.shape[1])
             gen = torch.Generator().manual_seed(seed)
             ctx = torch.randn(shape, generator=gen) * 0.02
@@ -281,7 +281,7 @@ class PromptLearner(nn.Module):
         name_lens = n_tokens(self.classnames)
         if int(eos.max()) >= context_length - 1 and int(tokens[:, -1].max()) > 0:
             too_long = [n for n, e in zip(self.classnames, eos.tolist()) if e >= context_length - 1]
-            raise ValueError(f"prompt too long for the text tower's {context_length} tokens: {too_long[:3]}; "
+            raise ConfigError(f"prompt too long for the text tower's {context_length} tokens: {too_long[:3]}; "
                              "use fewer context tokens or shorter class names")
         with torch.no_grad():
             emb = embed(tokens).float()
