@@ -92,3 +92,10 @@ def test_coerce_field_spellings():
     assert coerce_field("noise_rate", "0.4") == 0.4 and coerce_field("seed", 0) == 0
     with pytest.raises(ConfigError, match="unknown option 'lrr'"):
         coerce_field("lrr", 1)
+
+
+def test_an_unknown_model_is_refused_before_any_data_is_read(tmp_path):
+    from dspt.errors import BackboneError
+
+    with pytest.raises(BackboneError, match="unknown model 'ViT-Q'"):
+        RunConfig(data=str(tmp_path / "no-such-folder"), model="ViT-Q").resolved()

@@ -120,7 +120,9 @@ def resolve_device(device: str | None) -> torch.device:
     return torch.device(device)
 
 
-def _check_model_name(model_name: str) -> None:
+def check_model_name(model_name: str) -> None:
+    """An open_clip model name (or hf-hub:/local-dir:), else BackboneError with the near names: checked
+    before any work, so a typo never waits behind data loading."""
     if model_name.startswith(("hf-hub:", "local-dir:")):
         return
     if model_name not in open_clip.list_models():
@@ -272,7 +274,7 @@ def load_backbone(
         raise BackboneError(f"unknown precision '{precision}'; choose one of {', '.join(PRECISIONS)}")
     if pretrained and checkpoint:
         raise BackboneError("give either --pretrained TAG or --checkpoint FILE, not both")
-    _check_model_name(model_name)
+    check_model_name(model_name)
     dev = resolve_device(device)
 
     if checkpoint is not None:

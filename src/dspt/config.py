@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from .backbone import PRECISIONS
+from .backbone import PRECISIONS, check_model_name
 from .errors import ConfigError
 from .losses import get_loss
 from .noise import NOISE_TYPES
@@ -208,6 +208,7 @@ class RunConfig:
             self.ctx_init = None
             self.n_ctx = DEFAULT_N_CTX if self.n_ctx is None else self.n_ctx
             return
+        check_model_name(self.model)
         n = phrase_tokens(self.model, self.ctx_init.replace("_", " ").strip())
         if self.n_ctx is not None and self.n_ctx != n:
             raise ConfigError(f"--ctx-init '{self.ctx_init}' is {n} tokens, so the context has {n} vectors, not "
@@ -266,6 +267,7 @@ class RunConfig:
             raise ConfigError(f"--fp is for --noise symflip / pairflip, not '{self.noise}'")
 
     def validate(self) -> None:
+        check_model_name(self.model)
         if self.data is None and self.dataset in ("folder", "csv"):
             raise ConfigError("no data given; pass --data FOLDER (one sub-folder of images per class)")
         if self.data is None and self.root is None and self.dataset not in ("folder", "csv"):
