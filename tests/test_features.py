@@ -53,3 +53,38 @@ def test_cached_features_are_group_readable_and_reused(tiny, tmp_path):
     assert not first.hit and first.path.stat().st_mode & 0o777 == 0o664
     again = F.cached_features(tiny, ds, "test", cache_dir=tmp_path / "cache")
     assert again.hit and again.path == first.path and (again.features == first.features).all()
+
+
+def _build_in_child(args) -> tuple[bool, str]:
+    """A sweep worker wanting the same features: records every encoding it does, then returns (hit, digest)."""
+    ds, cache, log, go = args
+    import time
+
+    real = F.encode_paths
+
+    def counted(*a, **k):
+        with open(log, "a") as fh:
+            fh.write(f"{os.getpid()}\n")
+        time.sleep(0.5)  # a slow encoder: the other worker arrives while this one is still at work
+        return real(*a, **k)
+
+    F.encode_paths = counted
+    while not os.path.exists(go):  # both start at once
+        time.sleep(0.01)
+    got = F.cached_features(load_backbone("dspt-tiny"), ds, "train", views=1, seed=0, cache_dir=cache)
+    return got.hit, got.key
+
+
+def test_concurrent_workers_encode_a_key_once(tmp_path):
+    import multiprocessing as mp
+
+    make_image_folder(tmp_path / "img", classes=2, per_class=3, size=8)
+    ds, log, go = _dataset(tmp_path / "img"), tmp_path / "encodes.log", tmp_path / "go"
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(2) as pool:
+        pending = pool.map_async(_build_in_child, [(ds, tmp_path / "cache", log, go)] * 2)
+        go.touch()
+        results = pending.get(timeout=120)
+    encoders = set(log.read_text().split())
+    assert len(encoders) == 1, "both workers encoded the same views"
+    assert sorted(hit for hit, _ in results) == [False, True] and len({k for _, k in results}) == 1

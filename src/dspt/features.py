@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from .backbone import Backbone
 from .data.base import ImageDataset, load_image
-from .io import atomic_write, default_cache_dir, file_stamp
+from .io import atomic_write, default_cache_dir, file_lock, file_stamp
 
 log = logging.getLogger(__name__)
 
@@ -152,11 +152,23 @@ def cached_features(
     key = cache_key(backbone, dataset, split, views, seed)
     digest = _key_hash(key)
     path = Path(cache_dir or default_cache_dir()) / "features" / f"{dataset.name}-{split}-{digest}.safetensors"
-    feats = _try_load(path, key, (views + 1, len(dataset)))
-    if feats is not None:
-        log.info("feature cache hit: %s (%s, %d images x %d views)", path.name, split, len(dataset), views + 1)
-        return FeatureSet(feats, digest, path, hit=True)
+    shape = (views + 1, len(dataset))
+    feats = _try_load(path, key, shape)
+    if feats is None:
+        # One process encodes a key; others that want it at the same time (sweep workers, Ray tasks) wait for
+        # the lock, then read the file it wrote. The lock dies with its holder, so a killed builder frees it.
+        lock = path.with_name(f".{path.name}.lock")
+        with file_lock(lock):
+            feats = _try_load(path, key, shape)
+            if feats is None:
+                return _encode_and_store(backbone, dataset, split, views, seed, key, digest, path, batch_size,
+                                         workers)
+    log.info("feature cache hit: %s (%s, %d images x %d views)", path.name, split, len(dataset), views + 1)
+    return FeatureSet(feats, digest, path, hit=True)
 
+
+def _encode_and_store(backbone: Backbone, dataset: ImageDataset, split: str, views: int, seed: int, key: dict,
+                      digest: str, path: Path, batch_size: int, workers: int) -> FeatureSet:
     log.info("feature cache miss: encoding %s (%d images x %d views) -> %s", split, len(dataset), views + 1, path)
     stack = [encode_paths(backbone, dataset.paths, backbone.test_transform(), None, 0, batch_size, workers,
                           desc=f"{split} view 0/{views}")]
