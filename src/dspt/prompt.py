@@ -191,6 +191,33 @@ class TextEncoder(nn.Module):
         allowed = torch.ones(t, p + t, dtype=torch.bool, device=tail.device).tril(p)
         return _over_chunks(self._tail, chunk_size, (tail + pos[p:p + t].to(tail.dtype), eos - p), (allowed, *kv))
 
+    def forward_runs(self, heads: torch.Tensor, tails: torch.Tensor, eos: torch.Tensor,
+                     chunk_size: int | None = None) -> torch.Tensor:
+        """R runs' prompts at once: heads [R, P, D] (each run's shared positions 0..P-1), tails [C, T, D] (the
+        same for every run) or [R * C, T, D], eos [C] -> features [R * C, E], row r * C + c = run r, class c.
+
+        Each run's prefix runs once; every (run, class) row runs only its tail against its run's prefix keys
+        and values. `chunk_size` bounds the rows held at once (activation-checkpointed in training), so
+        R x C may be 10,000 or more.
+        """
+        if not self.can_share_prefix:
+            raise ValueError("this text tower's blocks do not support prefix sharing; use forward_plain")
+        r, p = heads.shape[:2]
+        c, t = eos.shape[0], tails.shape[1]
+        pos = self.positional_embedding
+        kv = self._prefix_kv(heads + pos[:p].to(heads.dtype))
+        allowed = torch.ones(t, p + t, dtype=torch.bool, device=tails.device).tril(p)
+        tails = tails + pos[p:p + t].to(tails.dtype)
+        per_row = tails.shape[0] == r * c and r > 1
+
+        def rows_fn(rows: torch.Tensor, *kv_all: torch.Tensor) -> torch.Tensor:
+            run, cls = rows // c, rows % c
+            x = tails[rows] if per_row else tails[cls]
+            return self._tail(x, eos[cls] - p, allowed, *(k[run] for k in kv_all))
+
+        rows = torch.arange(r * c, device=tails.device)
+        return _over_chunks(rows_fn, chunk_size, (rows,), tuple(kv))
+
     def _plain(self, x: torch.Tensor, eos: torch.Tensor) -> torch.Tensor:
         length = x.shape[1]
         x = x + self.positional_embedding[:length].to(x.dtype)
@@ -325,11 +352,13 @@ class PromptLearner(nn.Module):
             return 1
         return {"end": 1 + self.n_ctx, "middle": 1 + self.n_ctx // 2, "front": 1}[self.position]
 
-    def forward(self, length: int | None = None) -> torch.Tensor:
-        """Prompt token embeddings [C, L, D] (only the first `length` positions when given)."""
+    def forward(self, length: int | None = None, ctx: torch.Tensor | None = None) -> torch.Tensor:
+        """Prompt token embeddings [C, L, D] (only the first `length` positions when given); `ctx` in place of
+        the learner's own context (one run of a `PromptBatch`)."""
         c = self.num_classes
         length = self.context_length if length is None else length
-        ctx = self.ctx if self.csc else self.ctx.unsqueeze(0).expand(c, -1, -1)
+        ctx = self.ctx if ctx is None else ctx
+        ctx = ctx if self.csc else ctx.unsqueeze(0).expand(c, -1, -1)
         if self.position == "end":
             suffix = self.token_suffix[:, : max(length - 1 - self.n_ctx, 0)]
             return torch.cat([self.token_prefix, ctx.to(self.token_prefix.dtype), suffix], dim=1)[:, :length]
@@ -337,16 +366,22 @@ class PromptLearner(nn.Module):
         idx = self.order[:, :length].unsqueeze(-1).expand(-1, -1, src.shape[-1])
         return torch.gather(src, 1, idx)
 
-    def split(self, shared: int, length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def tail_is_shared(self, shared: int) -> bool:
+        """True when positions `shared`.. hold no context vector: the tails are the same for any context."""
+        return not self.csc and self.position == "end" and shared == 1 + self.n_ctx
+
+    def split(self, shared: int, length: int | None = None,
+              ctx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(positions 0..shared-1 once [1, shared, D], positions shared..length-1 per class [C, T, D]);
         `shared` must not exceed `shared_prefix`."""
         if shared > self.shared_prefix:
             raise ValueError(f"only the first {self.shared_prefix} prompt positions are shared (asked {shared})")
         length = self.context_length if length is None else length
-        if not self.csc and self.position == "end" and shared == 1 + self.n_ctx:  # no C-fold copy of ctx
-            head = torch.cat([self.token_prefix[:1], self.ctx.unsqueeze(0).to(self.token_prefix.dtype)], dim=1)
+        ctx = self.ctx if ctx is None else ctx
+        if self.tail_is_shared(shared):  # no C-fold copy of ctx
+            head = torch.cat([self.token_prefix[:1], ctx.unsqueeze(0).to(self.token_prefix.dtype)], dim=1)
             return head, self.token_suffix[:, : length - shared]
-        prompts = self(length)
+        prompts = self(length, ctx)
         return prompts[:1, :shared], prompts[:, shared:]
 
     def meta(self) -> dict:
@@ -411,6 +446,53 @@ class PromptClassifier(nn.Module):
     def logits(self, image_features: torch.Tensor, text_features: torch.Tensor | None = None) -> torch.Tensor:
         text_features = self.text_features() if text_features is None else text_features
         return self.backbone.logit_scale * image_features @ text_features.t()
+
+
+class PromptBatch(nn.Module):
+    """R runs' prompts trained as one model: their contexts are one parameter `ctx` [R, n_ctx, D] (CSC:
+    [R, C, n_ctx, D]) and one text-tower pass computes the R x C class features.
+
+    The runs share the backbone, the classes and the prompt layout (n_ctx, CSC, class token position); each
+    keeps its own context, so a run's features, logits, loss and gradient depend on its context alone: the
+    batch changes how the work is laid out, not what any run computes. A single run is a batch of one.
+    """
+
+    def __init__(self, backbone: Backbone, learners: list[PromptLearner], truncate: bool = True,
+                 share_prefix: bool = True, row_chunk: int | None = None, mixed_precision: bool = True):
+        super().__init__()
+        first = learners[0]
+        for other in learners[1:]:
+            if (other.classnames, other.n_ctx, other.csc, other.position) != \
+                    (first.classnames, first.n_ctx, first.csc, first.position):
+                raise ValueError("runs in one prompt batch must share classes, n_ctx, CSC and class token position")
+        self.backbone, self.template, self.runs = backbone, first, len(learners)
+        self.ctx = nn.Parameter(torch.stack([learner.ctx.detach() for learner in learners]))
+        self.encoder = TextEncoder(backbone)
+        self.truncate, self.share_prefix, self.mixed_precision = truncate, share_prefix, mixed_precision
+        self.row_chunk = row_chunk
+
+    def text_features(self) -> torch.Tensor:
+        """[R, C, E] normalised class text features of every run."""
+        learner, encoder = self.template, self.encoder
+        length = learner.max_eos + 1 if self.truncate and encoder.causal else learner.context_length
+        prefix = encoder.usable_prefix(learner.shared_prefix, learner.min_eos) if self.share_prefix else 0
+        precision = self.backbone.autocast() if self.mixed_precision else contextlib.nullcontext()
+        r, c = self.runs, learner.num_classes
+        with precision:
+            if prefix:
+                parts = [learner.split(prefix, length, self.ctx[i]) for i in range(r)]
+                heads = torch.cat([head for head, _ in parts])
+                tails = parts[0][1] if learner.tail_is_shared(prefix) else torch.cat([tail for _, tail in parts])
+                feats = encoder.forward_runs(heads, tails, learner.eos, self.row_chunk)
+            else:
+                prompts = torch.cat([learner(length, self.ctx[i]) for i in range(r)])
+                feats = encoder.forward_plain(prompts, learner.eos.repeat(r), self.row_chunk)
+        return F.normalize(feats.float(), dim=-1).view(r, c, -1)
+
+    def logits(self, image_features: torch.Tensor, text_features: torch.Tensor | None = None) -> torch.Tensor:
+        """image_features [R, B, E] (each run's own minibatch) -> logits [R, B, C]."""
+        text_features = self.text_features() if text_features is None else text_features
+        return self.backbone.logit_scale * torch.bmm(image_features, text_features.transpose(1, 2))
 
 
 def context_drift(ctx: torch.Tensor, ctx0: torch.Tensor) -> float:

@@ -8,6 +8,7 @@ an uninterrupted run (on the CPU).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -31,12 +32,15 @@ from .data import (FP_PROTOCOLS, DataSplits, ImageDataset, false_positive_shots,
                    find_bad_images, load_data, select_training)
 from .errors import BackboneError, ConfigError, TrainingError
 from .features import cached_features
-from .io import LockBusy, append_jsonl, atomic_write, atomic_write_json, atomic_write_text, process_lock, read_jsonl
+from .io import (LockBusy, append_jsonl, atomic_write, atomic_write_json, atomic_write_text, process_lock, read_json,
+                 read_jsonl)
 from .losses import get_loss
 from .metrics import accuracy, logit_gradient_norms, memorisation, per_class_accuracy, predict
 from .noise import NoisyLabels, make_noisy_labels
 from .numbers import round_half_up
-from .prompt import PromptClassifier, PromptLearner, check_prompt_tunable, context_drift, mean_pairwise_cosine
+from .optim import RunwiseSGD
+from .prompt import (PromptBatch, PromptClassifier, PromptLearner, check_prompt_tunable, context_drift,
+                     mean_pairwise_cosine)
 from .results import append_result
 from .rundir import (check_run_dir, finished_metrics, has_checkpoint, is_finished, load_checkpoint, result_row,
                      run_lock_path, save_checkpoint)
@@ -162,8 +166,9 @@ def validation_labels(cfg: RunConfig, val: ImageDataset, seeds: dict[str, int]
     return val, labels, info
 
 
-def prepare(cfg: RunConfig, run_dir: Path | None = None) -> Prepared:
-    """Data, few-shot subset, noisy labels, backbone and cached features for one run."""
+def prepare(cfg: RunConfig, run_dir: Path | None = None, backbone: Backbone | None = None) -> Prepared:
+    """Data, few-shot subset, noisy labels, backbone (loaded, or the one a batch shares) and cached features
+    for one run."""
     seeds = stream_seeds(cfg.seed)
     splits = load_splits(cfg)
     test, bad_test = _drop_bad(splits.test, cfg.skip_bad_images, "test")
@@ -198,7 +203,8 @@ def prepare(cfg: RunConfig, run_dir: Path | None = None) -> Prepared:
                                                                   "seeds": seeds, "split_seed": cfg.split_seed,
                                                                   "validation": val_info})
 
-    backbone = load_backbone(cfg.model, cfg.pretrained, cfg.checkpoint, cfg.device, cfg.precision)
+    if backbone is None:
+        backbone = load_backbone(cfg.model, cfg.pretrained, cfg.checkpoint, cfg.device, cfg.precision)
     check_prompt_tunable(backbone)  # before any image is encoded
     backbone.crop_scale, backbone.hflip = cfg.crop_scale, cfg.hflip
     views = cfg.views if cfg.path == "fast" else 0
@@ -288,7 +294,7 @@ def grad_scaler(backbone: Backbone) -> torch.amp.GradScaler:
 
 
 def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
-    """Backward and one SGD step through the scaler (a plain step when it is disabled); a step whose scaled
+    """Backward and one step through the scaler (a plain step when it is disabled); a step whose scaled
     gradients overflowed is skipped and the scale lowered, as torch.amp prescribes."""
     opt.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
@@ -296,155 +302,312 @@ def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, scaler: torch
     scaler.update()
 
 
+def batch_key(cfg: RunConfig) -> tuple:
+    """Resolved runs with equal keys can train as one batch: same backbone (model, weights, precision,
+    device), same classes and prompt layout, same minibatch schedule (shots, batch size, epochs) and the
+    fast path. Losses, learning rates, momentum, weight decay, noise, seeds and views may differ. fp16 (its
+    loss scaler skips a step for every run at once) and the reference path (it encodes images per step)
+    train alone: their key is unique to the run."""
+    if cfg.precision == "fp16" or cfg.path != "fast":
+        return ("alone", str(Path(cfg.output).resolve()))
+    return (cfg.model, cfg.pretrained, cfg.checkpoint, cfg.precision, cfg.device, cfg.dataset, cfg.data, cfg.root,
+            cfg.test_data, cfg.classnames, cfg.test_fraction, cfg.split_seed, cfg.shots, cfg.batch_size, cfg.epochs,
+            cfg.n_ctx, cfg.csc, cfg.class_token_position, cfg.skip_bad_images, cfg.cache_dir, cfg.workers)
+
+
 def train(cfg: RunConfig) -> dict[str, Any]:
     """Run (or resume, or return the finished result of) one configuration; returns its metrics.
 
-    One process at a time per run folder (a lock file beside it). A folder that this call created is removed
-    again when the run fails before its first checkpoint, so a bad input leaves nothing behind that a later
-    run would trip over or mistake for a result; metrics.json is written last and marks a finished run.
+    A batch of one: `train_batch([cfg])`, whose error, if any, is raised here.
     """
-    cfg = cfg.resolved()
-    run_dir = Path(cfg.output)
-    check_run_dir(cfg, run_dir)
-    if is_finished(run_dir):
-        log.info("run %s is already complete; returning its metrics", run_dir)
-        return finished_metrics(cfg, run_dir)
-    try:
-        with process_lock(run_lock_path(run_dir)):
-            check_run_dir(cfg, run_dir)  # another process may have started or finished it meanwhile
-            if is_finished(run_dir):
-                return finished_metrics(cfg, run_dir)
-            created = not run_dir.exists()
-            run_dir.mkdir(parents=True, exist_ok=True)
+    status, payload = train_batch([cfg])[0]
+    if status != "ok":
+        raise payload
+    return payload
+
+
+@dataclass
+class _Run:
+    """One run of a batch: its config, folder and, once prepared, everything its epochs need."""
+
+    index: int
+    cfg: RunConfig
+    run_dir: Path
+    created: bool
+    p: Prepared | None = None
+    loss_fn: torch.nn.Module | None = None
+    learner: PromptLearner | None = None
+    zs_pred: np.ndarray | None = None
+    ctx0: torch.Tensor | None = None
+    init_cos: float = float("nan")
+    start: int = 0
+    checkpoint: dict[str, Any] | None = None
+    last_saved: int = -1
+    last_test_acc: float = float("nan")
+    gen: torch.Generator | None = None  # this epoch's generator (the reference path draws its crops from it)
+    error: BaseException | None = None
+
+
+def train_batch(cfgs: list[RunConfig]) -> list[tuple[str, Any]]:
+    """Train several runs in one process; per config, in order, ("ok", metrics) or ("error", exception).
+
+    Runs with equal `batch_key` (and the same resume epoch) train as one model: one text-tower pass over all
+    their prompts per step, each run with its own minibatch, labels, loss, learning rate, schedule and
+    optimizer state, so each ends with the numbers it would have alone (up to float rounding). Every run
+    keeps its own folder, lock, checkpoint, metrics and results row, exactly as `dspt train` writes them.
+    One process at a time per run folder (a lock beside it). A folder this call created is removed again
+    when its run fails before its first checkpoint, so a bad input leaves nothing behind; metrics.json is
+    written last and marks a finished run. An error fails its own run only; a BaseException (a kill, Ctrl-C)
+    stops them all, keeping every checkpoint.
+    """
+    out: list[tuple[str, Any] | None] = [None] * len(cfgs)
+    runs: list[_Run] = []
+    with contextlib.ExitStack() as locks:
+        for i, raw in enumerate(cfgs):
             try:
-                return _train_in(cfg, run_dir)
-            except BaseException:
-                if created and not has_checkpoint(run_dir):
-                    shutil.rmtree(run_dir, ignore_errors=True)
-                raise
-    except LockBusy as exc:
-        raise TrainingError(f"run folder '{run_dir}' is in use by another dspt process (pid {exc.holder}); "
-                            "wait for it to finish or stop it") from None
+                cfg = raw.resolved()
+                run_dir = Path(cfg.output)
+                check_run_dir(cfg, run_dir)
+                if not is_finished(run_dir):
+                    try:
+                        locks.enter_context(process_lock(run_lock_path(run_dir)))
+                    except LockBusy as exc:
+                        raise TrainingError(f"run folder '{run_dir}' is in use by another dspt process (pid "
+                                            f"{exc.holder}); wait for it to finish or stop it") from None
+                    check_run_dir(cfg, run_dir)  # another process may have started or finished it meanwhile
+                if is_finished(run_dir):
+                    log.info("run %s is already complete; returning its metrics", run_dir)
+                    out[i] = ("ok", finished_metrics(cfg, run_dir))
+                    continue
+                created = not run_dir.exists()
+                run_dir.mkdir(parents=True, exist_ok=True)
+                runs.append(_Run(i, cfg, run_dir, created))
+            except Exception as exc:  # noqa: BLE001 - this run's own failure, reported with it
+                out[i] = ("error", exc)
+        groups: dict[tuple, list[_Run]] = {}
+        for run in runs:
+            groups.setdefault(batch_key(run.cfg), []).append(run)
+        try:
+            for group in groups.values():
+                _train_group(group)
+        except BaseException:
+            for run in runs:
+                _discard_if_empty(run)
+            raise
+        for run in runs:
+            if run.error is not None:
+                _discard_if_empty(run)
+                out[run.index] = ("error", run.error)
+            else:
+                out[run.index] = ("ok", read_json(run.run_dir / "metrics.json"))
+    return out  # type: ignore[return-value]
 
 
-def _resume(run_dir: Path, learner: PromptLearner, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-            dev: torch.device) -> int:
-    """Restore the last checkpoint into the learner, optimizer and RNGs; returns the first epoch to run."""
-    ckpt = load_checkpoint(run_dir)
-    if ckpt is None:
-        return 0
-    if tuple(ckpt["ctx"].shape) != tuple(learner.ctx.shape):
-        log.warning("checkpoint in %s does not fit this prompt (shape %s); starting from epoch 0", run_dir,
-                    tuple(ckpt["ctx"].shape))
-        return 0
-    with torch.no_grad():
-        learner.ctx.copy_(ckpt["ctx"].to(dev))
-    if ckpt["momentum"] is not None:
-        opt.state[learner.ctx]["momentum_buffer"] = ckpt["momentum"].to(dev).clone()
-    torch.set_rng_state(ckpt["torch_rng"])
-    if ckpt["cuda_rng"] is not None and dev.type == "cuda":
-        torch.cuda.set_rng_state_all(list(ckpt["cuda_rng"]))
-    if ckpt["scaler"] and scaler.is_enabled():
-        scaler.load_state_dict(ckpt["scaler"])
-    log.info("resuming %s at epoch %d", run_dir, ckpt["epoch"] + 2)
-    return ckpt["epoch"] + 1
+def _discard_if_empty(run: _Run) -> None:
+    if run.created and not has_checkpoint(run.run_dir) and not is_finished(run.run_dir):
+        shutil.rmtree(run.run_dir, ignore_errors=True)
 
 
-def _train_in(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
-    torch.manual_seed(cfg.seed)
-    p = prepare(cfg, run_dir)
+def _fail(run: _Run, exc: BaseException) -> None:
+    if not isinstance(exc, Exception):
+        raise exc
+    run.error = exc
+
+
+def _train_group(group: list[_Run]) -> None:
+    """Prepare every run of a compatible group on one backbone, then train them by resume epoch."""
+    first = group[0].cfg
+    torch.manual_seed(first.seed)
+    backbone = None
+    for run in group:
+        try:
+            if backbone is None:
+                backbone = load_backbone(first.model, first.pretrained, first.checkpoint, first.device,
+                                         first.precision)
+            _setup(run, backbone)
+        except BaseException as exc:  # noqa: BLE001 - a bad run fails alone
+            _fail(run, exc)
+    ready = [r for r in group if r.error is None]
+    by_start: dict[tuple, list[_Run]] = {}
+    for run in ready:
+        by_start.setdefault((run.start, len(run.p.train), run.p.train_feats.shape[0]), []).append(run)
+    for batch in by_start.values():
+        _fit(batch)
+
+
+def _setup(run: _Run, backbone: Backbone) -> None:
+    """Data, labels, cached features, zero-shot reference, the learner and its checkpoint, for one run."""
+    cfg, run_dir = run.cfg, run.run_dir
+    run.p = p = prepare(cfg, run_dir, backbone)
     dev = p.backbone.device
     atomic_write_json(run_dir / "environment.json", versions(dev))
-    given = torch.as_tensor(p.labels.given, device=dev)
-    n, c = len(p.train), p.train.num_classes
-    loss_fn = get_loss(cfg.loss, **cfg.loss_options)
-
-    zs_text = zeroshot_text_features(p.backbone, p.train.classnames, cfg.template)
-    zs_pred = predict(p.test_feats, zs_text)
-    learner = PromptLearner(p.backbone, p.train.classnames, cfg.n_ctx, cfg.ctx_init, cfg.csc,
-                            cfg.class_token_position, seed=p.seeds["init"])
-    if learner.n_ctx != cfg.n_ctx:  # the config is resolved with the model's tokenizer: they must agree
-        raise TrainingError(f"the prompt has {learner.n_ctx} context vectors but the config says {cfg.n_ctx}; "
+    run.loss_fn = get_loss(cfg.loss, **cfg.loss_options)
+    run.zs_pred = predict(p.test_feats, zeroshot_text_features(p.backbone, p.train.classnames, cfg.template))
+    run.learner = PromptLearner(p.backbone, p.train.classnames, cfg.n_ctx, cfg.ctx_init, cfg.csc,
+                                cfg.class_token_position, seed=p.seeds["init"])
+    if run.learner.n_ctx != cfg.n_ctx:  # the config is resolved with the model's tokenizer: they must agree
+        raise TrainingError(f"the prompt has {run.learner.n_ctx} context vectors but the config says {cfg.n_ctx}; "
                             "please report this as a dspt bug")
     atomic_write_text(run_dir / "config.yaml", cfg.dump())  # after the inputs checked out: what runs
-    fast = cfg.path == "fast"  # reference: CoOp's text side too (all context tokens per prompt, fp32)
-    clf = PromptClassifier(p.backbone, learner, truncate=fast, share_prefix=fast, mixed_precision=fast)
-    ctx0 = learner.ctx.detach().clone()
+    run.ctx0 = run.learner.ctx.detach().clone()
     with torch.no_grad():
-        init_cos = mean_pairwise_cosine(clf.text_features())
-    opt = torch.optim.SGD([learner.ctx], lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    scaler = grad_scaler(p.backbone)
-
-    start = _resume(run_dir, learner, opt, scaler, dev)
+        run.init_cos = mean_pairwise_cosine(_classifier(run).text_features())
+    ckpt = load_checkpoint(run_dir)
+    if ckpt is not None and tuple(ckpt["ctx"].shape) != tuple(run.learner.ctx.shape):
+        log.warning("checkpoint in %s does not fit this prompt (shape %s); starting from epoch 0", run_dir,
+                    tuple(ckpt["ctx"].shape))
+        ckpt = None
+    if ckpt is not None:
+        with torch.no_grad():
+            run.learner.ctx.copy_(ckpt["ctx"].to(dev))
+        run.start = ckpt["epoch"] + 1
+        log.info("resuming %s at epoch %d/%d", run_dir, run.start + 1, cfg.epochs)
+    run.checkpoint, run.last_saved = ckpt, run.start - 1
     log_path = run_dir / "log.jsonl"
-    last_saved = start - 1  # epoch of the newest checkpoint on disk (-1: none)
     # Epochs after the checkpoint are recomputed; drop their log lines so each epoch is logged once.
     if log_path.is_file():
-        kept = [r for r in read_jsonl(log_path) if r.get("event") != "epoch" or r["epoch"] < start]
+        kept = [r for r in read_jsonl(log_path) if r.get("event") != "epoch" or r["epoch"] < run.start]
         atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in kept))
-    append_jsonl(log_path, {"event": "start", "epoch": start, "cache": p.cache, "n_train": n, "classes": c,
-                            "noise": p.labels.summary(), "seeds": p.seeds})
+    append_jsonl(log_path, {"event": "start", "epoch": run.start, "cache": p.cache, "n_train": len(p.train),
+                            "classes": p.train.num_classes, "noise": p.labels.summary(), "seeds": p.seeds})
 
-    reference = _ReferenceBatches(p) if cfg.path == "reference" else None
-    views = p.train_feats.shape[0] - 1
-    drop_last = n >= cfg.batch_size
+
+def _classifier(run: _Run) -> PromptClassifier:
+    """The run's own classifier: what evaluation, `load_prompt` and `dspt predict` use."""
+    fast = run.cfg.path == "fast"  # reference: CoOp's text side too (all context tokens per prompt, fp32)
+    return PromptClassifier(run.p.backbone, run.learner, truncate=fast, share_prefix=fast, mixed_precision=fast)
+
+
+#: (run, class) prompt rows per text-tower slice; beyond it the slices are activation-checkpointed
+ROW_CHUNK = 4096
+
+
+def _fit(batch: list[_Run]) -> None:
+    """The training loop, for a batch of runs that start at the same epoch (a single run: a batch of one)."""
+    p0, cfg0 = batch[0].p, batch[0].cfg
+    dev, n, r = p0.backbone.device, len(p0.train), len(batch)
+    fast = cfg0.path == "fast"
+    model = PromptBatch(p0.backbone, [run.learner for run in batch], truncate=fast, share_prefix=fast,
+                        mixed_precision=fast, row_chunk=ROW_CHUNK if r * p0.train.num_classes > ROW_CHUNK else None)
+    opt = RunwiseSGD(model.ctx, [run.cfg.lr for run in batch], [run.cfg.momentum for run in batch],
+                     [run.cfg.weight_decay for run in batch])
+    scaler = grad_scaler(p0.backbone)
+    for k, run in enumerate(batch):
+        ckpt = run.checkpoint
+        if ckpt is not None:
+            if ckpt["momentum"] is not None:
+                opt.load_buffer(k, ckpt["momentum"])
+            torch.set_rng_state(ckpt["torch_rng"])
+            if ckpt["cuda_rng"] is not None and dev.type == "cuda":
+                torch.cuda.set_rng_state_all(list(ckpt["cuda_rng"]))
+            if ckpt["scaler"] and scaler.is_enabled():
+                scaler.load_state_dict(ckpt["scaler"])
+    given = torch.stack([torch.as_tensor(run.p.labels.given, device=dev) for run in batch])  # [R, N]
+    reference = _ReferenceBatches(p0) if cfg0.path == "reference" else None
+    views = [run.p.train_feats.shape[0] - 1 for run in batch]
+    batch_size = cfg0.batch_size
+    drop_last = n >= batch_size
+    steps = n // batch_size if drop_last else 1
+    start, epochs = batch[0].start, cfg0.epochs
     t_train = time.perf_counter()
-    bar = tqdm(range(start, cfg.epochs), desc=f"{cfg.loss} {cfg.noise}{cfg.noise_rate:g}", disable=not cfg.progress,
-               initial=start, total=cfg.epochs, leave=False)
+    label = f"{cfg0.loss} {cfg0.noise}{cfg0.noise_rate:g}" if r == 1 else f"{r} runs"
+    bar = tqdm(range(start, epochs), desc=label, disable=not cfg0.progress, initial=start, total=epochs, leave=False)
     for epoch in bar:
         t_epoch = time.perf_counter()
-        lr = lr_at(cfg, epoch)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        gen = epoch_generator(p.seeds["epochs"], epoch)
-        perm = torch.randperm(n, generator=gen)
-        view = torch.randint(1, views + 1, (n,), generator=gen) if views > 0 else torch.zeros(n, dtype=torch.long)
-        steps = n // cfg.batch_size if drop_last else 1
-        losses = []
+        opt.set_lr([lr_at(run.cfg, epoch) for run in batch])
+        order, view = [], []
+        for k, run in enumerate(batch):
+            gen = epoch_generator(run.p.seeds["epochs"], epoch)
+            order.append(torch.randperm(n, generator=gen))
+            view.append(torch.randint(1, views[k] + 1, (n,), generator=gen) if views[k] > 0
+                        else torch.zeros(n, dtype=torch.long))
+            run.gen = gen
+        losses: list[list[float]] = [[] for _ in batch]
         for s in range(steps):
-            idx = perm[s * cfg.batch_size:(s + 1) * cfg.batch_size] if drop_last else perm
+            idx = [o[s * batch_size:(s + 1) * batch_size] if drop_last else o for o in order]
             if reference is not None:
-                feats = reference(idx, gen)
+                feats = reference(idx[0], batch[0].gen).unsqueeze(0)
             else:
-                feats = p.train_feats[view[idx].to(dev), idx.to(dev)]
-            logits = clf.logits(feats)
-            loss = loss_fn(logits, given[idx.to(dev)])
-            if not torch.isfinite(loss):
-                raise _diverged(f"non-finite loss ({loss.item()}) at epoch {epoch + 1} step {s + 1}", cfg, run_dir,
-                                last_saved)
-            optimizer_step(loss, opt, scaler)
-            losses.append(loss.item())
-        if not torch.isfinite(learner.ctx).all():
-            raise _diverged(f"non-finite prompt parameters after epoch {epoch + 1}", cfg, run_dir, last_saved)
-        record = {"event": "epoch", "epoch": epoch, "lr": lr, "loss": float(np.mean(losses)),
-                  "seconds": time.perf_counter() - t_epoch}
-        record.update(_epoch_diagnostics(p, clf, loss_fn))
-        append_jsonl(log_path, record)
-        save_checkpoint(run_dir, epoch, learner.ctx, opt.state.get(learner.ctx, {}).get("momentum_buffer"),
-                        scaler.state_dict() if scaler.is_enabled() else None)
-        last_saved = epoch
-        bar.set_postfix(loss=f"{record['loss']:.4f}", test=f"{record['test_acc']:.1f}")
+                feats = torch.stack([run.p.train_feats[view[k][idx[k]].to(dev), idx[k].to(dev)]
+                                     for k, run in enumerate(batch)])
+            logits = model.logits(feats)
+            total = None
+            for k, run in enumerate(batch):
+                if run.error is not None:
+                    continue
+                loss = run.loss_fn(logits[k], given[k, idx[k].to(dev)])
+                if not torch.isfinite(loss):
+                    _fail(run, _diverged(f"non-finite loss ({loss.item()}) at epoch {epoch + 1} step {s + 1}",
+                                         run.cfg, run.run_dir, run.last_saved))
+                    opt.active[k] = False
+                    continue
+                losses[k].append(loss.item())
+                total = loss if total is None else total + loss  # a sum of per-run means: no cross-talk
+            if total is None:
+                break
+            optimizer_step(total, opt, scaler)
+        with torch.no_grad():
+            text = model.text_features()
+        for k, run in enumerate(batch):
+            if run.error is not None:
+                continue
+            try:
+                _end_epoch(run, epoch, model.ctx[k], opt.buffer[k], text[k], losses[k], scaler, t_epoch)
+            except BaseException as exc:  # noqa: BLE001 - a run whose bookkeeping fails stops alone
+                _fail(run, exc)
+            if run.error is not None:
+                opt.active[k] = False
+        alive = [run for run in batch if run.error is None]
+        if not alive:
+            break
+        if r == 1:
+            bar.set_postfix(loss=f"{np.mean(losses[0]):.4f}", test=f"{batch[0].last_test_acc:.1f}")
     bar.close()
     train_seconds = time.perf_counter() - t_train
+    for k, run in enumerate(batch):
+        if run.error is not None:
+            continue
+        try:
+            with torch.no_grad():
+                run.learner.ctx.copy_(model.ctx[k])
+            _finish(run, train_seconds)
+        except BaseException as exc:  # noqa: BLE001
+            _fail(run, exc)
 
-    metrics = evaluate(p, clf, zs_pred, ctx0, init_cos)
+
+def _end_epoch(run: _Run, epoch: int, ctx: torch.Tensor, momentum: torch.Tensor, text: torch.Tensor,
+               losses: list[float], scaler: torch.amp.GradScaler, t_epoch: float) -> None:
+    """Log the epoch and save the run's checkpoint (or fail the run if its context is no longer finite)."""
+    if not torch.isfinite(ctx).all():
+        raise _diverged(f"non-finite prompt parameters after epoch {epoch + 1}", run.cfg, run.run_dir, run.last_saved)
+    record = {"event": "epoch", "epoch": epoch, "lr": lr_at(run.cfg, epoch), "loss": float(np.mean(losses)),
+              "seconds": time.perf_counter() - t_epoch}
+    record.update(_epoch_diagnostics(run.p, text, run.loss_fn))
+    append_jsonl(run.run_dir / "log.jsonl", record)
+    save_checkpoint(run.run_dir, epoch, ctx, momentum, scaler.state_dict() if scaler.is_enabled() else None)
+    run.last_saved, run.last_test_acc = epoch, record["test_acc"]
+
+
+def _finish(run: _Run, train_seconds: float) -> None:
+    """Evaluate the run's final prompt and write its prompt, metrics (last: they mark it finished) and row."""
+    p, cfg, run_dir = run.p, run.cfg, run.run_dir
+    log_path = run_dir / "log.jsonl"
+    metrics = evaluate(p, _classifier(run), run.zs_pred, run.ctx0, run.init_cos)
     metrics["seconds"] = {"cache": p.cache["seconds"], "train": train_seconds}
     metrics["cache_hit"] = {"train": p.cache["train_hit"], "test": p.cache["test_hit"]}
     epochs_log = [r for r in read_jsonl(log_path) if r.get("event") == "epoch"]
     metrics["final_loss"] = epochs_log[-1]["loss"] if epochs_log else float("nan")
     metrics["first_loss"] = epochs_log[0]["loss"] if epochs_log else float("nan")
-    save_prompt(run_dir, learner, cfg, p.backbone)
+    save_prompt(run_dir, run.learner, cfg, p.backbone)
     atomic_write_json(run_dir / "metrics.json", metrics)  # written last: its presence marks a finished run
     append_result(cfg.results, result_row(cfg, metrics, run_dir))
     append_jsonl(log_path, {"event": "done", "test_acc": metrics["test_acc"]})
-    return metrics
 
 
 @torch.no_grad()
-def _epoch_diagnostics(p: Prepared, clf: PromptClassifier, loss_fn: torch.nn.Module) -> dict[str, float]:
+def _epoch_diagnostics(p: Prepared, text: torch.Tensor, loss_fn: torch.nn.Module) -> dict[str, float]:
     """Cheap per-epoch curves: test accuracy, training fit to the given labels, and the mean per-sample
     logit-gradient norm of clean vs mislabeled samples (logging only; nothing is selected on them)."""
-    text = clf.text_features()
     test_acc = accuracy(predict(p.test_feats, text), p.test.labels)
     train0 = p.train_feats[0]
     logits = p.backbone.logit_scale * train0 @ text.t()
