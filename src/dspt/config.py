@@ -7,6 +7,7 @@ defaults that depend on other fields, so `config.yaml` records what ran.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -103,7 +104,7 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
 def coerce_field(name: str, value: Any) -> Any:
     """`value` as the declared type of RunConfig field `name`, with the spellings the command line accepts:
     'none' for an empty optional, 'all' shots, 'coop' validation shots, '2e-3' for a number."""
-    hints = typing.get_type_hints(RunConfig)
+    hints = _field_types()
     if name not in hints:
         raise ConfigError(f"unknown option '{name}'; valid: {', '.join(sorted(hints))}")
     if name == "shots" and isinstance(value, str) and value.strip() in ("all", "full"):
@@ -113,6 +114,12 @@ def coerce_field(name: str, value: Any) -> Any:
     return _coerce(name, value, hints[name])
 
 
+@functools.lru_cache(maxsize=None)
+def _field_types() -> dict[str, Any]:
+    return typing.get_type_hints(RunConfig)
+
+
+@functools.lru_cache(maxsize=64)
 def phrase_tokens(model: str, phrase: str) -> int:
     """Number of tokens of `phrase` under `model`'s tokenizer (what --ctx-init makes the context length)."""
     import open_clip

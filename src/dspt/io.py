@@ -46,8 +46,12 @@ def _create_temp(path: Path) -> tuple[str, int]:
             os.close(fd)
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None], durable: bool = True) -> None:
     """Call `write(tmp_path)`, fsync, then rename onto `path` (same folder, so the rename is atomic).
+
+    A killed process never leaves half a file either way (the rename is atomic and the kernel keeps what was
+    written); `durable=False` skips the fsync, for files written every epoch that a power cut may cost
+    (a checkpoint: the run then starts over), not results.
 
     The file gets the permissions of any newly created file (0o666 less the umask), also where `write` replaces
     the temp file by one of its own (safetensors' `save_file` writes a 0o600 file and renames it).
@@ -59,8 +63,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         write(tmp)
         if stat.S_IMODE(os.stat(tmp).st_mode) != mode:
             os.chmod(tmp, mode)
-        with open(tmp, "rb+") as fh:  # writable: Windows cannot flush a read-only handle
-            os.fsync(fh.fileno())
+        if durable:
+            with open(tmp, "rb+") as fh:  # writable: Windows cannot flush a read-only handle
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -238,14 +238,24 @@ class TextEncoder(nn.Module):
         return kv
 
     def _tail(self, x: torch.Tensor, eos: torch.Tensor, allowed: torch.Tensor, *kv: torch.Tensor) -> torch.Tensor:
+        """The tail positions through every block against the prefix's keys/values. In the last block only
+        the EOS position feeds the output, so only its query, attention output and MLP are computed there."""
         n = x.shape[0]
-        for i, block in enumerate(self.transformer.resblocks):
+        blocks = self.transformer.resblocks
+        rows = torch.arange(n, device=x.device)
+        for i, block in enumerate(blocks):
             q, k, v = _qkv(block, block.ln_1(x))
             k = torch.cat([kv[2 * i].expand(n, -1, -1, -1).to(k.dtype), k], dim=2)
             v = torch.cat([kv[2 * i + 1].expand(n, -1, -1, -1).to(v.dtype), v], dim=2)
+            if i == len(blocks) - 1:
+                q, mask = q[rows, :, eos].unsqueeze(2), allowed[eos][:, None, None]  # [n, h, 1, d], [n, 1, 1, P+T]
+                x = x[rows, eos].unsqueeze(1)
+                x = x + block.ls_1(_out(block, F.scaled_dot_product_attention(q, k, v, attn_mask=mask)))
+                x = x + block.ls_2(block.mlp(block.ln_2(x)))
+                return self._pool(x, torch.zeros_like(eos))
             x = x + block.ls_1(_out(block, F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)))
             x = x + block.ls_2(block.mlp(block.ln_2(x)))
-        return self._pool(x, eos)
+        raise AssertionError("unreachable: a text tower has at least one block")
 
     def _pool(self, x: torch.Tensor, eos: torch.Tensor) -> torch.Tensor:
         """EOS token -> final LayerNorm (per token, so after the gather) -> projection."""

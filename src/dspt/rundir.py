@@ -98,7 +98,8 @@ def save_checkpoint(run_dir: Path, epoch: int, ctx: torch.Tensor, momentum: torc
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         tensors["cuda_rng"] = torch.stack(torch.cuda.get_rng_state_all())
     meta = {"format": str(CHECKPOINT_FORMAT), "epoch": str(epoch), "scaler": json.dumps(scaler_state or {})}
-    atomic_write(run_dir / CHECKPOINT, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    # written every epoch: no fsync (a kill loses nothing; a power cut at worst restarts the run)
+    atomic_write(run_dir / CHECKPOINT, lambda tmp: save_file(tensors, tmp, metadata=meta), durable=False)
 
 
 def load_checkpoint(run_dir: Path) -> dict[str, Any] | None:

@@ -166,11 +166,12 @@ def validation_labels(cfg: RunConfig, val: ImageDataset, seeds: dict[str, int]
     return val, labels, info
 
 
-def prepare(cfg: RunConfig, run_dir: Path | None = None, backbone: Backbone | None = None) -> Prepared:
-    """Data, few-shot subset, noisy labels, backbone (loaded, or the one a batch shares) and cached features
-    for one run."""
+def prepare(cfg: RunConfig, run_dir: Path | None = None, backbone: Backbone | None = None,
+            splits: DataSplits | None = None) -> Prepared:
+    """Data, few-shot subset, noisy labels, backbone and cached features for one run (the backbone and the
+    dataset's splits may come from the batch the run trains in, which shares them)."""
     seeds = stream_seeds(cfg.seed)
-    splits = load_splits(cfg)
+    splits = load_splits(cfg) if splits is None else splits
     test, bad_test = _drop_bad(splits.test, cfg.skip_bad_images, "test")
     # K-shot subset (symflip/pairflip pick false positives into it; `given` samples by the shipped labels);
     # with --skip-bad-images only the drawn images are decoded, and a bad one is replaced
@@ -418,13 +419,15 @@ def _train_group(group: list[_Run]) -> None:
     """Prepare every run of a compatible group on one backbone, then train them by resume epoch."""
     first = group[0].cfg
     torch.manual_seed(first.seed)
-    backbone = None
+    shared: dict[str, Any] = {}  # what the runs of a group have in common: backbone, splits, zero-shot heads
     for run in group:
         try:
-            if backbone is None:
-                backbone = load_backbone(first.model, first.pretrained, first.checkpoint, first.device,
-                                         first.precision)
-            _setup(run, backbone)
+            if "backbone" not in shared:
+                shared["backbone"] = load_backbone(first.model, first.pretrained, first.checkpoint, first.device,
+                                                   first.precision)
+            if "splits" not in shared:
+                shared["splits"] = load_splits(first)
+            _setup(run, shared)
         except BaseException as exc:  # noqa: BLE001 - a bad run fails alone
             _fail(run, exc)
     ready = [r for r in group if r.error is None]
@@ -435,14 +438,17 @@ def _train_group(group: list[_Run]) -> None:
         _fit(batch)
 
 
-def _setup(run: _Run, backbone: Backbone) -> None:
+def _setup(run: _Run, shared: dict[str, Any]) -> None:
     """Data, labels, cached features, zero-shot reference, the learner and its checkpoint, for one run."""
     cfg, run_dir = run.cfg, run.run_dir
-    run.p = p = prepare(cfg, run_dir, backbone)
+    run.p = p = prepare(cfg, run_dir, shared["backbone"], shared["splits"])
     dev = p.backbone.device
     atomic_write_json(run_dir / "environment.json", versions(dev))
     run.loss_fn = get_loss(cfg.loss, **cfg.loss_options)
-    run.zs_pred = predict(p.test_feats, zeroshot_text_features(p.backbone, p.train.classnames, cfg.template))
+    zs_key = ("zeroshot", cfg.template, cfg.skip_bad_images)
+    if zs_key not in shared:
+        shared[zs_key] = predict(p.test_feats, zeroshot_text_features(p.backbone, p.train.classnames, cfg.template))
+    run.zs_pred = shared[zs_key]
     run.learner = PromptLearner(p.backbone, p.train.classnames, cfg.n_ctx, cfg.ctx_init, cfg.csc,
                                 cfg.class_token_position, seed=p.seeds["init"])
     if run.learner.n_ctx != cfg.n_ctx:  # the config is resolved with the model's tokenizer: they must agree
