@@ -14,7 +14,6 @@ from dspt.config import RunConfig
 from dspt.errors import TrainingError
 from dspt.optim import RunwiseSGD
 from dspt.prompt import PromptBatch, PromptClassifier, PromptLearner
-from dspt.rundir import save_checkpoint
 from dspt.train import batch_key, train, train_batch
 
 from imagefolders import make_split_folders
