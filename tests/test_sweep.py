@@ -5,16 +5,21 @@ torch thread, no network.
 """
 from __future__ import annotations
 
+import itertools
+import os
+import signal
+import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
-
-
 from clirun import run_cli
+from imagefolders import make_image_folder
+
 from dspt.config import ConfigError
-from dspt.sweep import cell_name, expand, list_cells, run_sweep
+from dspt.io import read_jsonl
+from dspt.sweep import cell_name, expand, list_cells, plan_batches, run_sweep
 
 
 def base(images: Path, tmp: Path, **over) -> dict:
@@ -94,13 +99,8 @@ def test_grid_file_problems(tmp_path):
     assert code == 2 and "--jobs 0" in error_line(err)
 
 
-def test_ray_backend_is_optional_with_a_clear_error(images, tmp_path):
-    try:
-        import ray  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        pytest.skip("ray is installed here")
+def test_ray_backend_is_optional_with_a_clear_error(images, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # as where ray is not installed: `import ray` fails
     (tmp_path / "grid.yaml").write_text(yaml.safe_dump(base(images, tmp_path, seed=[1, 2])))
     code, _, err = run_cli(["sweep", str(tmp_path / "grid.yaml"), "--backend", "ray"])
     assert code == 2
@@ -181,3 +181,97 @@ def test_bad_jobs_and_backend_values():
         run_sweep({"output": "x"}, jobs=0)
     with pytest.raises(ConfigError, match="backend 'slurm' unknown"):
         run_sweep({"output": "x"}, backend="slurm")
+
+
+BAD_OPTIONS = [
+    (["--batch-runs", "-1"], "--batch-runs -1"),
+    (["--backend", "ray", "--cpus-per-run", "0"], "--cpus-per-run 0"),
+    (["--backend", "ray", "--gpus-per-run", "-1"], "--gpus-per-run -1"),
+    (["--backend", "ray", "--gpus-per-run", "1.5"], "whole number"),
+    (["--gpus-per-run", "1"], "are for --backend ray"),
+]
+
+
+@pytest.mark.parametrize("args,words", BAD_OPTIONS, ids=[" ".join(a) for a, _ in BAD_OPTIONS])
+def test_bad_batch_and_resource_options_fail_before_anything_runs(images, tmp_path, args, words):
+    code, _, err = run_cli(["sweep", str(_write(tmp_path, base(images, tmp_path, seed=[1, 2]))), *args])
+    assert code == 2 and words in error_line(err)
+    assert not (tmp_path / "sweep").exists()
+
+
+# ------------------------------------------------------------------------------------------------ batches
+
+def test_batches_never_mix_models_shots_or_data(images, tmp_path):
+    other = make_image_folder(tmp_path / "other")
+    spec = base(images, tmp_path, model=["dspt-tiny", "RN50"], shots=[2, 4], data=[str(images), str(other)],
+                loss=["ce", "dspt"], lr=[0.002, 0.01], seed=[1, 2])
+    cells = expand(spec)
+    units = plan_batches(cells, 64)
+    assert len(units) == 8 and all(len(u) == 8 for u in units), "2 models x 2 shots x 2 data; the rest batches"
+    for unit in units:
+        assert len({(c.config.model, c.config.shots, c.config.data) for c in unit}) == 1
+        assert len({(c.config.loss, c.config.lr, c.config.seed) for c in unit}) == 8
+    assert sorted(c.name for u in units for c in u) == sorted(c.name for c in cells), "each cell once"
+    assert [[c] for c in cells] == plan_batches(cells, 1) == plan_batches(cells, 0), "0 or 1: no batching"
+
+
+def sizes(units: list) -> list[int]:
+    return [len(u) for u in units]
+
+
+def test_batch_cap_and_split_over_workers(images, tmp_path):
+    cells = expand(base(images, tmp_path, seed=list(range(40))))  # 40 compatible runs
+    assert sizes(plan_batches(cells, 64)) == [40]
+    assert sizes(plan_batches(cells, 64, workers=2)) == [20, 20]
+    assert sizes(plan_batches(cells, 64, workers=3)) == [14, 13, 13]
+    assert sizes(plan_batches(cells, 16)) == [14, 13, 13], "at most the cap, as even as can be"
+    assert sizes(plan_batches(cells, 16, workers=2)) == [14, 13, 13], "enough batches for the workers already"
+    assert sizes(plan_batches(cells[:3], 64, workers=8)) == [1, 1, 1], "never an empty batch"
+    assert [c.name for u in plan_batches(cells, 16, workers=5) for c in u] == [c.name for c in cells]
+    # two groups (epochs differ): the larger one is split first
+    mixed = expand(base(images, tmp_path, epochs=[2, 3], seed=list(range(6))))[:9]  # 6 + 3 runs
+    assert sizes(plan_batches(mixed, 64)) == [6, 3]
+    assert sizes(plan_batches(mixed, 64, workers=3)) == [3, 3, 3]
+    assert sizes(plan_batches(mixed, 64, workers=4)) == [2, 2, 2, 3]
+    assert sizes(plan_batches(mixed, lambda cell: 2 if cell.config.epochs == 2 else 64)) == [2, 2, 2, 3]
+
+
+def test_batched_sweep_reports_each_run_once(images, tmp_path):
+    spec = base(images, tmp_path, loss=["ce", "dspt"], seed=[1, 2, 3])
+    lines: list[str] = []
+    res = run_sweep(spec, jobs=2, echo=lines.append)  # automatic: 6 compatible runs, 2 workers: 3 + 3
+    assert res.ok, res.failed
+    assert [len(b) for b in res.batches] == [3, 3] and "2 batches of runs trained together" in lines[0]
+    names = sorted(c.name for c in res.cells)
+    assert sorted(res.finished) == names and sorted(itertools.chain(*res.batches)) == names
+    assert sorted(line.split("] ")[1].split(":")[0] for line in lines if line.startswith("[")) == names
+    table = rows(tmp_path / "sweep" / "results.csv")
+    assert sorted(table["run_id"]) == sorted(str(c.run_dir.resolve()) for c in res.cells)
+    for cell in res.cells:
+        assert [r["epoch"] for r in read_jsonl(cell.run_dir / "log.jsonl") if r["event"] == "epoch"] == [0, 1]
+
+    # inline (jobs=1), one batch of all: a grown grid runs only its new cells, in one batch
+    bigger = run_sweep(base(images, tmp_path, loss=["ce", "dspt"], seed=[1, 2, 3, 4]), echo=lambda s: None)
+    assert bigger.batches == [["loss=ce,seed=4", "loss=dspt,seed=4"]] and len(bigger.skipped) == 6
+    assert bigger.ok and len(rows(tmp_path / "sweep" / "results.csv")) == 8
+    assert rows(tmp_path / "sweep" / "results.csv")["run_id"].is_unique
+
+
+def _killed(cfgs):
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_a_dead_batch_worker_fails_every_run_of_its_batch(images, tmp_path, monkeypatch):
+    import dspt.train  # noqa: F401 - the module (the package's `dspt.train` attribute is the function)
+
+    monkeypatch.setattr(sys.modules["dspt.train"], "train_batch", _killed)  # forked workers inherit it
+    spec = base(images, tmp_path, loss=["ce", "dspt"], seed=[1, 2])
+    res = run_sweep(spec, jobs=2, start_method="fork", echo=lambda s: None)
+    assert sorted(res.failed) == sorted(c.name for c in res.cells) and not res.finished
+    assert set(res.failed.values()) == {f"worker died (exit code {-signal.SIGKILL})"}
+    assert [len(b) for b in res.batches] == [2, 2]
+
+    monkeypatch.undo()
+    again = run_sweep(spec, jobs=2, echo=lambda s: None)
+    assert again.ok and sorted(again.finished) == sorted(c.name for c in res.cells)
+    assert len(rows(tmp_path / "sweep" / "results.csv")) == 4

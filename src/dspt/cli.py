@@ -194,7 +194,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         return 0
     # this process only validates and schedules (never computes), so its workers may be plain forks of it
     res = run_sweep(args.grid, output=args.output, jobs=args.jobs, backend=args.backend, results=args.results,
-                    start_method="fork" if sys.platform.startswith("linux") else None)
+                    start_method="fork" if sys.platform.startswith("linux") else None, batch_runs=args.batch_runs,
+                    cpus_per_run=args.cpus_per_run, gpus_per_run=args.gpus_per_run, cache_dir=args.cache_dir)
     for name, msg in res.failed.items():
         print(f"dspt: error: run {name} failed: {msg}", file=sys.stderr)
     return 0 if res.ok else 1
@@ -321,10 +322,25 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("grid", help="YAML file of run options; list values are crossed (see dspt.sweep)")
             p.add_argument("--output", "-o", help="sweep folder (default: the grid's 'output:')")
             p.add_argument("--results", help="results CSV (default: results.csv in the sweep folder)")
-            p.add_argument("--jobs", "-j", type=int, default=1, help="runs at a time on this machine (default 1; "
-                           "ignored with --backend ray, where the cluster's CPUs decide)")
+            p.add_argument("--jobs", "-j", type=int, default=1, help="worker processes on this machine, each "
+                           "training a run or a batch of runs (default 1: in this process; ignored with --backend "
+                           "ray, where the cluster's CPUs and GPUs decide)")
             p.add_argument("--backend", default="local", choices=["local", "ray"],
-                           help="local worker processes, or a Ray cluster (optional dependency)")
+                           help="local worker processes, or a Ray cluster (optional dependency: pip install "
+                           "'dspt[ray]'; the cluster is $RAY_ADDRESS, else one started here; see docs/ray.md)")
+            p.add_argument("--batch-runs", type=int, metavar="N",
+                           help="train up to N compatible runs (same model, data, shots, batch size, epochs; "
+                           "losses, lrs, noise, seeds may differ) as one model in one process; 0 or 1: one run "
+                           "per process (default: up to 64 on the CPU, 256 on a GPU, split so every worker has "
+                           "work)")
+            p.add_argument("--cpus-per-run", type=float, metavar="X",
+                           help="with --backend ray: CPUs each task (a run or a batch) asks for (default 1)")
+            p.add_argument("--gpus-per-run", type=float, metavar="X",
+                           help="with --backend ray: GPUs each task asks for; fractions share a GPU (0.25: four "
+                           "tasks per GPU). Default: 1 if the cluster has GPUs, else 0. A task that asks for 0 "
+                           "gets no GPU and silently trains on the CPU")
+            p.add_argument("--cache-dir", help="feature cache of every run (overrides the grid's cache_dir:); on "
+                           "a Ray cluster, a folder on storage that every node sees")
             p.add_argument("--list", action="store_true", help="list the runs and their state; run nothing")
             p.formatter_class = argparse.RawDescriptionHelpFormatter
             p.epilog = ("example grid (12 runs into sweeps/demo/<loss=..,noise_rate=..,seed=..>/):\n"

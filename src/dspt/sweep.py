@@ -20,13 +20,19 @@ folder, as on the command line.
 
 Restarting a sweep is always safe: a cell whose metrics.json exists is not run again (its results row is
 re-added if a kill came between the two writes), a cell with a checkpoint resumes from it, and results rows
-are keyed by run folder, so nothing is lost and nothing is counted twice. Each run has its own worker
-process (`jobs` at a time); on Linux the workers die with the sweep process, so a killed sweep leaves no
-orphan writing into its folders. `backend="ray"` sends the runs to a Ray cluster instead (optional
-dependency; the run folders must be on storage that every node sees).
+are keyed by run folder, so nothing is lost and nothing is counted twice.
+
+Compatible runs (equal `dspt.train.batch_key`: same model, data, shots, batch size, epochs, ...; losses,
+learning rates, noise and seeds may differ) train together as one model in one process: a batch
+(`plan_batches`, at most `batch_runs` runs). Each run or batch is one unit of work: its own worker process
+(`jobs` at a time; on Linux the workers die with the sweep process, so a killed sweep leaves no orphan
+writing into its folders), or one Ray task with `backend="ray"` (optional dependency; the run folders and
+the feature cache must be on storage that every node sees: docs/ray.md). Outcomes are reported per run; a
+unit whose process dies fails all its runs, and the next sweep resumes them.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import multiprocessing as mp
@@ -82,6 +88,7 @@ class SweepResult:
     finished: list[str] = field(default_factory=list)  # ran (or resumed) to the end in this call
     failed: dict[str, str] = field(default_factory=dict)  # cell name -> one-line error
     results: Path | None = None
+    batches: list[list[str]] = field(default_factory=list)  # the units of work of this call, by cell name
 
     @property
     def ok(self) -> bool:
@@ -223,7 +230,31 @@ def _run_cell(cfg: RunConfig) -> float:
     return float(train(cfg)["test_acc"])
 
 
-def _worker(cfg: RunConfig, conn: Any, sweep_pid: int, threads: int | None) -> None:
+def _run_unit(cfgs: list[RunConfig]) -> list[tuple[str, Any]]:
+    """One unit of work: a single run, or a batch of runs trained as one model in this process (`train_batch`).
+
+    Returns, per config in order, ("ok", test accuracy) or ("error", one-line message). An Exception fails
+    the runs it reached; a BaseException (a kill, Ctrl-C) propagates: every run keeps its last checkpoint."""
+    if len(cfgs) == 1:
+        try:
+            return [("ok", _run_cell(cfgs[0]))]
+        except Exception as exc:  # noqa: BLE001 - reported; the sweep goes on with the other cells
+            return [("error", _error_line(exc))]
+    try:
+        from .io import process_lock
+        from .train import train_batch
+
+        for cfg in cfgs:  # as in _run_cell, for every run of the batch
+            with process_lock(run_lock_path(Path(cfg.output)), wait=True):
+                pass
+        outcomes = train_batch(cfgs)
+    except Exception as exc:  # noqa: BLE001 - the batch as a whole failed: so did each of its runs
+        return [("error", _error_line(exc))] * len(cfgs)
+    return [("ok", float(payload["test_acc"])) if status == "ok" else ("error", _error_line(payload))
+            for status, payload in outcomes]
+
+
+def _worker(cfgs: list[RunConfig], conn: Any, sweep_pid: int, threads: int | None) -> None:
     _die_with_parent(sweep_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the sweep process decides; it stops us on Ctrl-C
     if threads:
@@ -231,15 +262,15 @@ def _worker(cfg: RunConfig, conn: Any, sweep_pid: int, threads: int | None) -> N
 
         torch.set_num_threads(threads)
     try:
-        outcome = ("ok", _run_cell(cfg))
+        outcomes = _run_unit(cfgs)
     except BaseException as exc:  # noqa: BLE001 - reported to the sweep, which goes on with other cells
-        outcome = ("error", _error_line(exc))
+        outcomes = [("error", _error_line(exc))] * len(cfgs)
     try:
-        conn.send(outcome)
+        conn.send(outcomes)
         conn.close()
-    except OSError:  # the sweep is gone; the run folder holds the outcome for the next sweep
+    except OSError:  # the sweep is gone; the run folders hold the outcomes for the next sweep
         pass
-    if outcome[0] != "ok":
+    if any(status != "ok" for status, _ in outcomes):
         sys.exit(1)
 
 
@@ -260,90 +291,230 @@ def _context(start_method: str | None = None) -> Any:
     return ctx
 
 
-def _run_inline(cells: list[Cell], jobs: int, report: Callable[[Cell, str, Any], None]) -> None:
-    """One run after the other in this process (--jobs 1): a kill of the sweep is a kill of its run."""
-    for cell in cells:
-        try:
-            status, payload = "ok", _run_cell(cell.config)
-        except Exception as exc:  # noqa: BLE001 - reported; the sweep goes on with the other cells
-            status, payload = "error", _error_line(exc)
+Report = Callable[[Cell, str, Any], None]
+
+
+def _report_unit(unit: list[Cell], outcomes: list[tuple[str, Any]], report: Report) -> None:
+    for cell, (status, payload) in zip(unit, outcomes):
         report(cell, status, payload)
 
 
-def _run_local(cells: list[Cell], jobs: int, report: Callable[[Cell, str, Any], None],
-               start_method: str | None = None, threads: int | None = None) -> None:
-    """`jobs` worker processes at a time, one per run, each with `threads` torch threads (default: the
-    cores shared out)."""
+def _run_inline(units: list[list[Cell]], report: Report) -> None:
+    """One unit after the other in this process (--jobs 1): a kill of the sweep is a kill of its run(s)."""
+    for unit in units:
+        _report_unit(unit, _run_unit([cell.config for cell in unit]), report)
+
+
+def _run_local(units: list[list[Cell]], jobs: int, report: Report, start_method: str | None = None,
+               threads: int | None = None) -> None:
+    """`jobs` worker processes at a time, one per unit (a run or a batch), each with `threads` torch threads
+    (default: the cores shared out). A worker that dies fails every run of its unit; they resume next time."""
     if jobs == 1:
-        return _run_inline(cells, jobs, report)
+        return _run_inline(units, report)
     ctx = _context(start_method)
     threads = threads or max(1, (os.cpu_count() or 1) // jobs)
-    queue = list(cells)
-    running: dict[Any, tuple[Any, Any, Cell]] = {}  # sentinel -> (process, connection, cell)
+    queue = list(units)
+    running: dict[Any, tuple[Any, Any, list[Cell]]] = {}  # sentinel -> (process, connection, unit)
     try:
         while queue or running:
             while queue and len(running) < jobs:
-                cell = queue.pop(0)
+                unit = queue.pop(0)
                 recv, send = ctx.Pipe(duplex=False)
-                proc = ctx.Process(target=_worker, args=(cell.config, send, os.getpid(), threads),
-                                   name=f"dspt-sweep {cell.name}", daemon=False)
+                name = unit[0].name if len(unit) == 1 else f"{unit[0].name} +{len(unit) - 1}"
+                proc = ctx.Process(target=_worker, args=([c.config for c in unit], send, os.getpid(), threads),
+                                   name=f"dspt-sweep {name}", daemon=False)
                 proc.start()
                 send.close()
-                running[proc.sentinel] = (proc, recv, cell)
+                running[proc.sentinel] = (proc, recv, unit)
             for sentinel in mp.connection.wait(list(running)):
-                proc, recv, cell = running.pop(sentinel)
+                proc, recv, unit = running.pop(sentinel)
                 proc.join()
                 try:
-                    status, payload = recv.recv() if recv.poll() else ("error", None)
+                    outcomes = recv.recv() if recv.poll() else None
                 except (EOFError, OSError):
-                    status, payload = "error", None
+                    outcomes = None
                 recv.close()
-                if status == "error" and payload is None:
-                    payload = f"worker died (exit code {proc.exitcode})"
-                report(cell, status, payload)
+                if outcomes is None:
+                    outcomes = [("error", f"worker died (exit code {proc.exitcode})")] * len(unit)
+                _report_unit(unit, outcomes, report)
     except BaseException:
         for proc, recv, _ in running.values():
             if proc.is_alive():
-                proc.kill()  # its run resumes from its last checkpoint next time
+                proc.kill()  # its runs resume from their last checkpoints next time
         for proc, recv, _ in running.values():
             proc.join()
         raise
 
 
-def _ray_task(cfg: RunConfig) -> tuple[str, Any]:
+# ---------------------------------------------------------------------------------------------------- Ray
+
+#: RunConfig fields that name files or folders (relative ones are relative to the sweep's current folder).
+_PATH_FIELDS = ("data", "test_data", "root", "classnames", "noise_file", "checkpoint", "output", "results",
+                "cache_dir")
+
+
+def _ray_task(cfgs: list[RunConfig], cwd: str, threads: int, cpu_only: bool) -> list[tuple[str, Any]]:
+    """A unit of work on a Ray worker: in the sweep's current folder (for relative paths), `threads` threads.
+
+    `cpu_only`: the task holds no GPU, so `device: auto` runs on the CPU (Ray >= 2.49 no longer hides a node's
+    GPUs from a task that asked for none: it would otherwise use one that the scheduler gave to another task).
+    """
+    import dataclasses
+    import socket
+
+    import torch
+
+    if cpu_only:
+        cfgs = [dataclasses.replace(cfg, device="cpu") if cfg.device in ("auto", "") else cfg for cfg in cfgs]
+
+    relative = any(getattr(cfg, f) and not Path(getattr(cfg, f)).is_absolute() for cfg in cfgs for f in _PATH_FIELDS)
+    here = os.getcwd()
     try:
-        return "ok", _run_cell(cfg)
-    except Exception as exc:  # noqa: BLE001
-        return "error", _error_line(exc)
+        os.chdir(cwd)
+    except OSError:
+        if relative:
+            message = (f"the sweep's folder '{cwd}' does not exist on Ray node {socket.gethostname()}; run the "
+                       "sweep from shared storage mounted at the same path on every node, or use absolute paths "
+                       "in the grid")
+            return [("error", message)] * len(cfgs)
+    torch.set_num_threads(max(1, threads))
+    try:
+        return _run_unit(cfgs)
+    finally:
+        os.chdir(here)
 
 
 def _require_ray() -> Any:
     try:
         import ray
     except ImportError:
-        raise ConfigError("--backend ray needs the optional package 'ray' (pip install 'ray[default]'); "
+        raise ConfigError("--backend ray needs the optional package 'ray' (pip install 'dspt[ray]'); "
                           "or run on this machine with --backend local --jobs N") from None
     return ray
 
 
-def _run_ray(cells: list[Cell], jobs: int, report: Callable[[Cell, str, Any], None]) -> None:
+def _ray_connect() -> Any:
+    """Ray, connected: to the cluster this process already joined, else to $RAY_ADDRESS, else to a cluster
+    started on this machine by `ray start`, else a new single-machine instance."""
     ray = _require_ray()
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS") or None)
-    task = ray.remote(num_cpus=1, max_retries=0)(_ray_task)
-    pending = {task.remote(cell.config): cell for cell in cells}
-    while pending:
-        ready, _ = ray.wait(list(pending), num_returns=1)
-        for ref in ready:
-            cell = pending.pop(ref)
-            try:
-                status, payload = ray.get(ref)
-            except Exception as exc:  # the worker process died, the node went away, ...
-                status, payload = "error", _error_line(exc)
-            report(cell, status, payload)
+    return ray
+
+
+def _ray_slots(resources: dict[str, float], cpus: float, gpus: float) -> int:
+    """How many tasks of `cpus` CPUs and `gpus` GPUs the cluster runs at once (at least 1)."""
+    slots = int(resources.get("CPU", 1) // cpus) if cpus > 0 else 1
+    if gpus > 0:
+        slots = min(slots, int(resources.get("GPU", 0) // gpus))
+    return max(1, slots)
+
+
+def _run_ray(units: list[list[Cell]], report: Report, cpus_per_run: float = 1, gpus_per_run: float = 0) -> None:
+    """One Ray task per unit (a run or a batch), each asking for `cpus_per_run` CPUs and `gpus_per_run` GPUs.
+    Tasks are not retried: a task whose worker or node dies fails every run of its unit, and the next sweep
+    resumes them from their checkpoints."""
+    ray = _ray_connect()
+    # max_calls=1 for GPU tasks (Ray's own default for them): a fresh worker per task, so no idle worker keeps
+    # its CUDA context on a GPU that the scheduler has since given to another task
+    options = {"max_calls": 1} if gpus_per_run else {}
+    task = ray.remote(num_cpus=cpus_per_run, num_gpus=gpus_per_run, max_retries=0, **options)(_ray_task)
+    cwd, threads = os.getcwd(), max(1, int(cpus_per_run))
+    pending = {task.remote([c.config for c in unit], cwd, threads, not gpus_per_run): unit for unit in units}
+    try:
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            for ref in ready:
+                unit = pending.pop(ref)
+                try:
+                    outcomes = ray.get(ref)
+                except Exception as exc:  # noqa: BLE001 - the worker process died, the node went away, ...
+                    message = f"Ray task failed ({_error_line(exc)}); run the sweep again to resume"
+                    outcomes = [("error", message)] * len(unit)
+                _report_unit(unit, outcomes, report)
+    except BaseException:
+        for ref in pending:  # Ctrl-C: stop the cluster's work on this sweep; checkpoints are kept
+            with contextlib.suppress(Exception):  # already finished or gone
+                ray.cancel(ref, force=True)
+        raise
 
 
 BACKENDS = {"local": _run_local, "ray": _run_ray}
+
+
+# ------------------------------------------------------------------------------------------------ batches
+
+#: Largest batch when `batch_runs` is automatic: one process trains this many runs as one model.
+AUTO_BATCH_CPU = 64
+AUTO_BATCH_GPU = 256
+
+
+def _on_gpu(cfg: RunConfig, gpu_visible: bool) -> bool:
+    """Whether a run trains on a GPU: --device cuda*, or auto where a GPU is visible to its worker."""
+    if cfg.device.startswith("cuda"):
+        return True
+    return cfg.device in ("auto", "") and gpu_visible
+
+
+def _local_gpu_visible() -> bool:
+    """A GPU on this machine, found without initialising CUDA (NVML), so workers can still be forked."""
+    import torch
+
+    try:
+        return torch.cuda.device_count() > 0
+    except Exception:  # noqa: BLE001 - no driver, no NVML: no GPU
+        return False
+
+
+def plan_batches(cells: list[Cell], batch_runs: int | Callable[[Cell], int], workers: int = 1,
+                 key: Callable[[RunConfig], Any] | None = None) -> list[list[Cell]]:
+    """The units of work for `cells`: batches of runs that can train as one model.
+
+    Cells with equal `key(cell.config)` (default `dspt.train.batch_key`) form a group; each group is split into
+    the fewest batches of at most `batch_runs` runs (an int, or a function of a group's first cell), as equal
+    in size as possible. While there are fewer batches than `workers`, the group with the largest batches is
+    split once more, so that every worker gets work (40 compatible runs, 2 workers: two batches of 20).
+    `batch_runs` 0 or 1: every cell alone. Order is kept: groups in order of their first cell, cells in grid
+    order within a batch."""
+    cap_of = batch_runs if callable(batch_runs) else (lambda cell: batch_runs)
+    if not cells or (not callable(batch_runs) and batch_runs <= 1):
+        return [[cell] for cell in cells]
+    if key is None:
+        from .train import batch_key as key
+    groups: dict[Any, list[Cell]] = {}
+    for cell in cells:
+        groups.setdefault(key(cell.config), []).append(cell)
+    members = list(groups.values())
+    counts = [-(-len(g) // max(1, cap_of(g[0]))) for g in members]  # ceil(n / cap)
+    while sum(counts) < workers:
+        sizes = [-(-len(g) // k) for g, k in zip(members, counts)]
+        largest = max(range(len(members)), key=lambda i: sizes[i])
+        if sizes[largest] <= 1:
+            break
+        counts[largest] += 1
+    units: list[list[Cell]] = []
+    for group, k in zip(members, counts):
+        base, extra = divmod(len(group), k)
+        start = 0
+        for i in range(k):
+            size = base + (1 if i < extra else 0)
+            units.append(group[start:start + size])
+            start += size
+    return units
+
+
+def _check_resources(cpus_per_run: float | None, gpus_per_run: float | None, batch_runs: int | None) -> None:
+    if batch_runs is not None and batch_runs < 0:
+        raise ConfigError(f"--batch-runs {batch_runs} is invalid; use 0 or 1 for one run per process, or N > 1")
+    if cpus_per_run is not None and not cpus_per_run > 0:
+        raise ConfigError(f"--cpus-per-run {cpus_per_run:g} is invalid; it must be > 0 (e.g. 1, or 0.5)")
+    if gpus_per_run is not None:
+        if not gpus_per_run >= 0:
+            raise ConfigError(f"--gpus-per-run {gpus_per_run:g} is invalid; it must be >= 0 (e.g. 1, or 0.25 "
+                              "for four runs per GPU)")
+        if gpus_per_run > 1 and gpus_per_run != int(gpus_per_run):
+            raise ConfigError(f"--gpus-per-run {gpus_per_run:g} is invalid; above 1 it must be a whole number "
+                              "(Ray shares a GPU only in fractions of one)")
 
 
 def run_sweep(
@@ -355,17 +526,34 @@ def run_sweep(
     echo: Callable[[str], None] = print,
     start_method: str | None = None,
     threads: int | None = None,
+    batch_runs: int | None = None,
+    cpus_per_run: float | None = None,
+    gpus_per_run: float | None = None,
+    cache_dir: str | os.PathLike | None = None,
 ) -> SweepResult:
     """Run every cell of `grid` (a YAML path or a mapping) that has not finished yet.
 
-    `jobs` runs at a time: 1 runs them one after the other in this process; more start one worker process
-    per run (`start_method`, see `_context`) with `threads` torch threads each. Returns which cells were
-    skipped, finished and failed; a failed cell does not stop the others."""
+    Local backend: `jobs` units of work at a time; 1 runs them one after the other in this process, more
+    start one worker process per unit (`start_method`, see `_context`) with `threads` torch threads each.
+    Ray backend: one task per unit, each asking for `cpus_per_run` CPUs (default 1) and `gpus_per_run` GPUs
+    (default: 1 where the cluster has GPUs, else 0; a task that asks for none trains on the CPU). A unit is
+    one run, or a batch of compatible runs trained as one model in one process (`plan_batches`): at most
+    `batch_runs` runs (0 or 1: no batching; None: up to 64 on the CPU, 256 on a GPU). `cache_dir` sets every
+    run's feature cache. Returns which cells were skipped, finished and failed, per cell; a failed cell does
+    not stop the others."""
     if jobs < 1:
         raise ConfigError(f"--jobs {jobs} is invalid; it must be >= 1")
     if backend not in BACKENDS:
         raise ConfigError(f"backend '{backend}' unknown; choose one of: {', '.join(BACKENDS)}")
+    _check_resources(cpus_per_run, gpus_per_run, batch_runs)
+    if backend == "local" and (cpus_per_run is not None or gpus_per_run is not None):
+        raise ConfigError("--cpus-per-run and --gpus-per-run are for --backend ray; on this machine use --jobs N "
+                          "(and --device for the GPU)")
     spec = load_grid(grid) if not isinstance(grid, dict) else grid
+    if cache_dir is not None:
+        spec = {k: v for k, v in spec.items() if k != "cache_dir"} | {"cache_dir": str(cache_dir)}
+        if isinstance(spec.get("grid"), dict):
+            spec["grid"] = {k: v for k, v in spec["grid"].items() if k != "cache_dir"}
     cells = expand(spec, output, results)  # every cell is checked before anything runs
     if backend == "ray":
         _require_ray()
@@ -378,8 +566,48 @@ def run_sweep(
             out.skipped.append(cell.name)
         else:
             todo.append(cell)
+
+    units: list[list[Cell]] = []
+    where = f"{jobs} worker(s) on local"
+    cpus, gpus = 1.0, 0.0
+    if todo:
+        if backend == "ray":
+            ray = _ray_connect()
+            resources = ray.cluster_resources()
+            cluster_gpus = float(resources.get("GPU", 0))
+            cpus = 1.0 if cpus_per_run is None else float(cpus_per_run)
+            gpus = (1.0 if cluster_gpus else 0.0) if gpus_per_run is None else float(gpus_per_run)
+            if gpus > cluster_gpus:
+                raise ConfigError(f"--gpus-per-run {gpus:g}, but the Ray cluster has {cluster_gpus:g} GPU(s); "
+                                  "no task could ever start")
+            if not gpus and any(c.config.device.startswith("cuda") for c in todo):
+                raise ConfigError("the grid asks for --device cuda but the Ray tasks ask for no GPU; pass "
+                                  "--gpus-per-run X (e.g. 1, or 0.25 to share a GPU) or use device: auto")
+            if cpus > float(resources.get("CPU", 0)):
+                raise ConfigError(f"--cpus-per-run {cpus:g}, but the Ray cluster has {resources.get('CPU', 0):g} "
+                                  "CPU(s); no task could ever start")
+            workers, gpu_visible = _ray_slots(resources, cpus, gpus), gpus > 0
+            where = (f"Ray ({resources.get('CPU', 0):g} CPUs, {cluster_gpus:g} GPUs; {cpus:g} CPU, {gpus:g} GPU "
+                     "per task)")
+            if cluster_gpus and not gpus:
+                echo(f"sweep: the Ray cluster has {cluster_gpus:g} GPU(s) but --gpus-per-run is 0: every run "
+                     "trains on the CPU")
+        else:
+            workers = jobs
+            gpu_visible = batch_runs is None and any(c.config.device in ("auto", "") for c in todo) \
+                and _local_gpu_visible()
+        if batch_runs is None:
+            cap: int | Callable[[Cell], int] = (
+                lambda cell: AUTO_BATCH_GPU if _on_gpu(cell.config, gpu_visible) else AUTO_BATCH_CPU)
+        else:
+            cap = batch_runs
+        units = plan_batches(todo, cap, workers)
+    out.batches = [[c.name for c in unit] for unit in units]
+    batched = sum(len(u) > 1 for u in units)
     echo(f"sweep: {len(cells)} runs, {len(out.skipped)} already done, {len(todo)} to run "
-         f"({sum(c.status() == 'partial' for c in todo)} to resume) with {jobs} worker(s) on {backend}")
+         f"({sum(c.status() == 'partial' for c in todo)} to resume)"
+         + (f" in {len(units)} units ({batched} batches of runs trained together)" if batched else "")
+         + f" with {where}")
     t0 = time.perf_counter()
 
     def report(cell: Cell, status: str, payload: Any) -> None:
@@ -391,11 +619,11 @@ def run_sweep(
             out.failed[cell.name] = str(payload)
             echo(f"[{n}/{len(todo)}] {cell.name}: FAILED: {payload}")
 
-    if todo:
+    if units:
         if backend == "local":
-            _run_local(todo, jobs, report, start_method, threads)
+            _run_local(units, jobs, report, start_method, threads)
         else:
-            _run_ray(todo, jobs, report)
+            _run_ray(units, report, cpus, gpus)
     echo(f"sweep: {len(out.finished)} finished, {len(out.skipped)} skipped, {len(out.failed)} failed "
          f"in {time.perf_counter() - t0:.1f} s; results in {out.results}")
     return out
