@@ -596,11 +596,10 @@ def run_sweep(
             workers = jobs
             gpu_visible = batch_runs is None and any(c.config.device in ("auto", "") for c in todo) \
                 and _local_gpu_visible()
-        if batch_runs is None:
-            cap: int | Callable[[Cell], int] = (
-                lambda cell: AUTO_BATCH_GPU if _on_gpu(cell.config, gpu_visible) else AUTO_BATCH_CPU)
-        else:
-            cap = batch_runs
+        def auto_cap(cell: Cell) -> int:
+            return AUTO_BATCH_GPU if _on_gpu(cell.config, gpu_visible) else AUTO_BATCH_CPU
+
+        cap: int | Callable[[Cell], int] = auto_cap if batch_runs is None else batch_runs
         units = plan_batches(todo, cap, workers)
     out.batches = [[c.name for c in unit] for unit in units]
     batched = sum(len(u) > 1 for u in units)
