@@ -22,6 +22,7 @@ import pandas as pd
 import pytest
 import yaml
 from imagefolders import make_image_folder
+from test_sweep import base as grid  # the same small grid as the local sweep tests
 
 from dspt.errors import ConfigError
 from dspt.io import holder_file, read_jsonl
@@ -69,14 +70,6 @@ def ray_local():
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> Path:
     return make_image_folder(tmp_path_factory.mktemp("ray-images") / "images")
-
-
-def grid(images: Path, tmp: Path, **over) -> dict:
-    spec = {"data": str(images), "model": "dspt-tiny", "pretrained": "none", "shots": 2, "views": 1, "n_ctx": 4,
-            "batch_size": 2, "epochs": 2, "device": "cpu", "cache_dir": str(tmp / "cache"),
-            "output": str(tmp / "sweep")}
-    spec.update(over)
-    return spec
 
 
 def rows(path: Path) -> pd.DataFrame:
