@@ -180,3 +180,24 @@ def test_runs_that_cannot_share_a_batch_are_keyed_apart(data, tmp_path):
     for change in (dict(shots=4), dict(epochs=3), dict(batch_size=8), dict(n_ctx=2), dict(csc=True),
                    dict(class_token_position="front"), dict(path="reference"), dict(precision="fp16")):
         assert batch_key(_cfg(data, tmp_path, "z", **change).resolved()) != batch_key(base), change
+
+
+def test_a_group_larger_than_memory_trains_in_batches_that_fit(data, tmp_path, monkeypatch):
+    """Half the free memory holds two runs' features here: three compatible runs train as 2 + 1."""
+    T = sys.modules["dspt.train"]
+    cfgs = [_cfg(data, tmp_path / "b", f"r{k}", **v) for k, v in enumerate(VARIANTS[:3])]
+    sizes, fit = [], T._fit
+    monkeypatch.setattr(T, "_fit", lambda batch: (sizes.append(len(batch)), fit(batch)))
+    monkeypatch.setattr(T, "free_memory", lambda device: 4 * T._run_bytes(_prepared(cfgs[0])) + 1)
+    assert [st for st, _ in train_batch(cfgs)] == ["ok"] * 3
+    assert sizes == [2, 1]
+    for k, v in enumerate(VARIANTS[:3]):
+        train(_cfg(data, tmp_path / "a", f"r{k}", **v))
+        np.testing.assert_allclose(_history(tmp_path / "b" / f"r{k}"), _history(tmp_path / "a" / f"r{k}"),
+                                   atol=1e-4)
+
+
+def _prepared(cfg):
+    from dspt.train import prepare
+
+    return prepare(cfg.resolved())

@@ -332,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
                            help="train up to N compatible runs (same model, data, shots, batch size, epochs; "
                            "losses, lrs, noise, seeds may differ) as one model in one process; 0 or 1: one run "
                            "per process (default: up to 64 on the CPU, 256 on a GPU, split so every worker has "
-                           "work)")
+                           "work; a process trains as many of them at once as half the free memory holds)")
             p.add_argument("--cpus-per-run", type=float, metavar="X",
                            help="with --backend ray: CPUs each task (a run or a batch) asks for (default 1)")
             p.add_argument("--gpus-per-run", type=float, metavar="X",

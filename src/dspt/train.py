@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import platform
 import shutil
 import sys
@@ -415,27 +416,63 @@ def _fail(run: _Run, exc: BaseException) -> None:
     run.error = exc
 
 
+def free_memory(device: torch.device) -> int | None:
+    """Bytes free on `device` (None where it cannot be told)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _run_bytes(p: Prepared) -> int:
+    """What one prepared run holds on its device: its cached training, test and validation features."""
+    feats = [p.train_feats, p.test_feats] + ([p.val_feats] if p.val_feats is not None else [])
+    return sum(t.element_size() * t.nelement() for t in feats)
+
+
+#: share of the free device memory that one batch's cached features may take
+MEMORY_SHARE = 0.5
+
+
 def _train_group(group: list[_Run]) -> None:
-    """Prepare every run of a compatible group on one backbone, then train them by resume epoch."""
+    """Prepare the runs of a compatible group on one backbone and train them as batches (by resume epoch).
+
+    Each prepared run holds its cached features on the device, so a batch takes as many runs as half the
+    free memory holds (measured after the first run is prepared); the rest follow in further batches.
+    """
     first = group[0].cfg
     torch.manual_seed(first.seed)
     shared: dict[str, Any] = {}  # what the runs of a group have in common: backbone, splits, zero-shot heads
-    for run in group:
-        try:
-            if "backbone" not in shared:
-                shared["backbone"] = load_backbone(first.model, first.pretrained, first.checkpoint, first.device,
-                                                   first.precision)
-            if "splits" not in shared:
-                shared["splits"] = load_splits(first)
-            _setup(run, shared)
-        except BaseException as exc:  # noqa: BLE001 - a bad run fails alone
-            _fail(run, exc)
-    ready = [r for r in group if r.error is None]
-    by_start: dict[tuple, list[_Run]] = {}
-    for run in ready:
-        by_start.setdefault((run.start, len(run.p.train), run.p.train_feats.shape[0]), []).append(run)
-    for batch in by_start.values():
-        _fit(batch)
+    pending, cap = list(group), None
+    while pending:
+        chunk: list[_Run] = []
+        while pending and (cap is None or len(chunk) < cap):
+            run = pending.pop(0)
+            try:
+                if "backbone" not in shared:
+                    shared["backbone"] = load_backbone(first.model, first.pretrained, first.checkpoint,
+                                                       first.device, first.precision)
+                if "splits" not in shared:
+                    shared["splits"] = load_splits(first)
+                _setup(run, shared)
+            except BaseException as exc:  # noqa: BLE001 - a bad run fails alone
+                _fail(run, exc)
+                continue
+            chunk.append(run)
+            if cap is None:
+                free = free_memory(run.p.backbone.device)
+                cap = max(1, int(MEMORY_SHARE * free) // max(_run_bytes(run.p), 1)) if free else len(group)
+                if cap < len(group):
+                    log.info("%d runs share a backbone; %d at a time fit in half the free memory", len(group), cap)
+        by_start: dict[tuple, list[_Run]] = {}
+        for run in chunk:
+            by_start.setdefault((run.start, len(run.p.train), run.p.train_feats.shape[0]), []).append(run)
+        for batch in by_start.values():
+            _fit(batch)
+        for run in chunk:
+            run.p = None  # frees its features before the next batch is prepared
 
 
 def _setup(run: _Run, shared: dict[str, Any]) -> None:
