@@ -18,9 +18,10 @@ def test_demo_still_exports_what_its_callers_import():
     assert callable(demo.run_demo)
 
 
-def test_short_demo_writes_table_plot_results(tmp_path, capsys):
+def test_short_demo_writes_table_with_intervals_plot_report(tmp_path, capsys):
     args = ["demo", "--output", str(tmp_path / "demo"), "--cache-dir", str(tmp_path / "cache"), "--epochs", "2",
-            "--views", "1", "--noise-rates", "0,0.6", "--lrs", "0.002,0.02", "--no-progress", "--jobs", "2"]
+            "--views", "1", "--noise-rates", "0,0.6", "--lrs", "0.002,0.02", "--seeds", "1,2,3", "--no-progress",
+            "--jobs", "2"]
     from dspt import miniature
 
     orig = miniature.PRETRAIN["epochs"]
@@ -37,14 +38,18 @@ def test_short_demo_writes_table_plot_results(tmp_path, capsys):
         miniature.PRETRAIN["epochs"] = orig
     out = tmp_path / "demo"
     assert (out / "accuracy_vs_noise.png").stat().st_size > 1000
+    assert (out / "report" / "report.html").stat().st_size > 1000
     table = (out / "table.md").read_text()
-    assert "| 0.0 |" in table and "| 0.6 |" in table and "zero-shot" in table and "rate sensitivity" in table
+    assert "| 0.0 |" in table and "| 0.6 |" in table and "Zero-shot" in table and "rate sensitivity" in table
+    assert "DSPT - CoOp (ce) [95 % CI]" in table and "verdict" in table and " ± " in table
     runs = list(csv.DictReader((out / "demo_runs.csv").open()))
-    assert len(runs) == 2 * 2 * 2  # noise rates x losses x learning rates
-    assert len(list(csv.DictReader((out / "results.csv").open()))) == 8
-    assert "DSPT acc" in first and first.split("wall time")[0] == second.split("wall time")[0]
+    assert len(runs) == 2 * 2 * 2 * 3  # noise rates x losses x learning rates x seeds
+    assert len(list(csv.DictReader((out / "results.csv").open()))) == 24
+    for rate in ("0%", "60%"):
+        assert any(line.startswith(f"noise {rate}: DSPT ") and "95 % CI [" in line for line in first.splitlines())
+    assert first.split("wall time")[0] == second.split("wall time")[0]
     table_of = lambda text: text.split("plot:")[0]  # noqa: E731
-    assert table_of(third) == table_of(first)  # worker processes or not, a seed gives the same numbers
+    assert table_of(third) == table_of(first)  # worker processes or not, the same numbers
     stored = sorted(float(r["test_acc"]) for r in csv.DictReader((out / "results.csv").open()))
     assert sorted(float(r["test_acc"]) for r in runs) == pytest.approx(stored)  # the table shows the runs' own numbers
 
@@ -66,12 +71,12 @@ def test_demo_on_a_given_clip_and_folder_skips_pretraining(tmp_path, capsys):
     cache = tmp_path / "cache"
     base = ["demo", "--model", "dspt-tiny", "--checkpoint", str(ckpt), "--data", str(data), "--test-data",
             str(tmp_path / "test"), "--cache-dir", str(cache), "--shots", "4", "--epochs", "1", "--views", "1",
-            "--noise-rates", "0,0.5", "--no-progress"]
+            "--noise-rates", "0,0.5", "--seeds", "1,2", "--no-progress"]
     assert main(base + ["--output", str(tmp_path / "out"), "--lrs", "0.002,0.02"]) == 0
     out = capsys.readouterr().out
     assert f"Prior: dspt-tiny {ckpt}" in out and "miniature" not in out
     assert not (cache / "demo").exists()  # no digits world, no pretrained miniature
-    assert len(list(csv.DictReader((tmp_path / "out" / "demo_runs.csv").open()))) == 2 * 2 * 2
+    assert len(list(csv.DictReader((tmp_path / "out" / "demo_runs.csv").open()))) == 2 * 2 * 2 * 2
 
     # choosing a rate needs validation data: said before any run, in one line
     no_val = tmp_path / "no_val"

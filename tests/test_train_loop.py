@@ -108,3 +108,26 @@ def test_run_records_what_ran(data, tmp_path):
     dataset = json.loads((tmp_path / "run" / "dataset.json").read_text())
     assert dataset["seeds"] == metrics["seeds"] and set(dataset["seeds"]) >= {"shots", "noise", "init", "epochs"}
     assert np.isnan(metrics["train"]["memorised"])  # no wrong label: nothing to memorise
+
+
+def test_epoch_log_has_the_loss_of_clean_and_mislabeled_samples(data, tmp_path):
+    """The mechanism curves: the last epoch's mean per-sample loss of clean vs mislabeled samples equals the
+    loss recomputed in float64 from the final prompt (CE: -log softmax(z)_y)."""
+    from dspt.train import load_prompt, prepare
+
+    cfg = RunConfig(data=str(data), model="dspt-tiny", pretrained=None, shots=6, views=1, n_ctx=4, epochs=2,
+                    batch_size=6, device="cpu", cache_dir=str(tmp_path / "cache"), seed=3, loss="ce", lr=0.05,
+                    noise="sym", noise_rate=0.5, output=str(tmp_path / "run"), progress=False)
+    train(cfg)
+    last = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()
+            if json.loads(x).get("event") == "epoch"][-1]
+    p = prepare(cfg.resolved())
+    clf = load_prompt(tmp_path / "run", backbone=p.backbone)
+    with torch.no_grad():
+        z = (p.backbone.logit_scale * p.train_feats[0] @ clf.text_features().t()).double()
+    given = torch.as_tensor(p.labels.given)
+    per = -torch.log_softmax(z, -1).gather(1, given[:, None]).squeeze(1).numpy()
+    noisy = p.labels.is_noisy
+    assert noisy.sum() == 9  # half of 18 labels
+    assert last["loss_noisy"] == pytest.approx(per[noisy].mean(), rel=1e-4)
+    assert last["loss_clean"] == pytest.approx(per[~noisy].mean(), rel=1e-4)

@@ -1,6 +1,8 @@
-"""Markdown tables of the demo's results: the chosen run per noise rate and method, and the rate
-sensitivity (test accuracy at every learning rate tried)."""
+"""Markdown tables of the demo: per noise rate, each method's mean ± std over seeds at its chosen rate, the
+paired difference from the reference with its interval and verdict; and the rate sensitivity."""
 from __future__ import annotations
+
+import math
 
 import pandas as pd
 
@@ -8,32 +10,69 @@ import pandas as pd
 NAMES = {"ce": "CoOp (ce)", "dspt": "DSPT"}
 
 
-def format_table(rows: pd.DataFrame, zeroshot_acc: float, losses: list[str]) -> str:
-    """One line per noise rate: test accuracy, memorised share and chosen lr of each loss, then zero-shot."""
-    cols = [f"{NAMES.get(l, l)} acc" for l in losses] + [f"{NAMES.get(l, l)} memorised" for l in losses] + \
-        [f"{NAMES.get(l, l)} lr" for l in losses]
-    lines = ["| noise | " + " | ".join(cols) + " | zero-shot |", "|" + "---|" * (len(cols) + 2)]
-    for rate in sorted(rows["noise_rate"].unique()):
-        sub = rows[rows["noise_rate"] == rate].set_index("loss")
+def name(method: str) -> str:
+    return NAMES.get(method, method)
 
-        def cell(loss: str, col: str, fmt: str, sub: pd.DataFrame = sub) -> str:
-            if loss not in sub.index or pd.isna(sub.loc[loss, col]):
-                return "-"
-            return format(sub.loc[loss, col], fmt)
 
-        cells = [cell(l, "test_acc", ".1f") for l in losses] + [cell(l, "memorised", ".1f") for l in losses] + \
-            [cell(l, "lr", "g") for l in losses]
-        lines.append(f"| {rate:.1f} | " + " | ".join(cells) + f" | {zeroshot_acc:.1f} |")
+def _pm(mean: float, std: float) -> str:
+    if not math.isfinite(mean):
+        return "-"
+    return f"{mean:.1f}" if not math.isfinite(std) else f"{mean:.1f} ± {std:.1f}"
+
+
+def _signed(x: float) -> str:
+    return f"{x:+.1f}" if math.isfinite(x) else "-"
+
+
+def format_table(stats: pd.DataFrame, comparison: pd.DataFrame, methods: list[str], reference: str) -> str:
+    """One line per noise rate: test accuracy (mean ± std over seeds) and chosen lr of each method, each other
+    method minus the reference (mean, 95 % t-interval, wins/ties/losses over seeds, verdict), memorised share."""
+    others = [m for m in methods if m != reference]
+    cols = [f"{name(m)} acc" for m in methods]
+    for m in others:
+        who = "" if len(others) == 1 else f"{name(m)} "
+        cols += [f"{name(m)} - {name(reference)} [95 % CI]", f"{who}wins/ties/losses", f"{who}verdict"]
+    cols += [f"{name(m)} memorised" for m in methods] + [f"{name(m)} lr" for m in methods]
+    lines = ["| noise | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 1)]
+    st = stats.set_index(["noise_rate", "method"])
+    comp = comparison.set_index(["noise_rate", "method"]) if len(comparison) else comparison
+    for rate in sorted(stats["noise_rate"].unique()):
+        def get(m: str, col: str) -> float:
+            return float(st.loc[(rate, m), col]) if (rate, m) in st.index else math.nan
+
+        cells = [_pm(get(m, "mean"), get(m, "std")) for m in methods]
+        for m in others:
+            if len(comp) and (rate, m) in comp.index:
+                c = comp.loc[(rate, m)]
+                cells += [f"{_signed(c['mean'])} [{_signed(c['lo'])}, {_signed(c['hi'])}]",
+                          f"{c['wins']}/{c['ties']}/{c['losses']}", str(c["verdict"])]
+            else:
+                cells += ["-", "-", "-"]
+        cells += [f"{get(m, 'memorised'):.1f}" if math.isfinite(get(m, "memorised")) else "-" for m in methods]
+        cells += [f"{get(m, 'lr'):g}" if math.isfinite(get(m, "lr")) else "-" for m in methods]
+        lines.append(f"| {rate:.1f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def format_sensitivity(runs: pd.DataFrame, losses: list[str]) -> str:
-    """Test accuracy of every learning rate tried (shown, not used to choose)."""
+def verdict_lines(comparison: pd.DataFrame, reference: str, seeds: int) -> list[str]:
+    """One sentence per noise rate and method: what the interval supports."""
+    lines = []
+    for c in comparison.sort_values(["method", "noise_rate"]).itertuples(index=False):
+        what = {"ahead": f"ahead of {name(reference)}", "behind": f"behind {name(reference)}",
+                "no clear difference": f"no clear difference from {name(reference)}",
+                "too few seeds": f"one seed only: no interval against {name(reference)}"}[c.verdict]
+        lines.append(f"noise {c.noise_rate:.0%}: {name(c.method)} {what} ({_signed(c.mean)} points, 95 % CI "
+                     f"[{_signed(c.lo)}, {_signed(c.hi)}], better in {c.wins} of {c.n} seeds)")
+    return lines
+
+
+def format_sensitivity(runs: pd.DataFrame, methods: list[str]) -> str:
+    """Test accuracy (mean ± std over seeds) at every learning rate tried: shown, never used to choose."""
     lrs = sorted(runs["lr"].unique())
-    cols = [f"{NAMES.get(l, l)} lr={lr:g}" for l in losses for lr in lrs]
+    cols = [f"{name(m)} lr={lr:g}" for m in methods for lr in lrs]
     lines = ["| noise | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 1)]
+    agg = runs.groupby(["noise_rate", "method", "lr"])["test_acc"].agg(["mean", "std"])
     for rate in sorted(runs["noise_rate"].unique()):
-        sub = runs[runs["noise_rate"] == rate].set_index(["loss", "lr"])["test_acc"]
         lines.append(f"| {rate:.1f} | " + " | ".join(
-            f"{sub[(l, lr)]:.1f}" if (l, lr) in sub.index else "-" for l in losses for lr in lrs) + " |")
+            _pm(*agg.loc[(rate, m, lr)]) if (rate, m, lr) in agg.index else "-" for m in methods for lr in lrs) + " |")
     return "\n".join(lines)

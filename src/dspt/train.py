@@ -650,18 +650,23 @@ def _finish(run: _Run, train_seconds: float) -> None:
 @torch.no_grad()
 def _epoch_diagnostics(p: Prepared, text: torch.Tensor, loss_fn: torch.nn.Module) -> dict[str, float]:
     """Cheap per-epoch curves: test accuracy, training fit to the given labels, and the mean per-sample
-    logit-gradient norm of clean vs mislabeled samples (logging only; nothing is selected on them)."""
+    logit-gradient norm and loss of clean vs mislabeled samples (the method's mechanism; logging only,
+    nothing is selected on them)."""
     test_acc = accuracy(predict(p.test_feats, text), p.test.labels)
     train0 = p.train_feats[0]
     logits = p.backbone.logit_scale * train0 @ text.t()
     given = torch.as_tensor(p.labels.given, device=logits.device)
     with torch.enable_grad():
         norms = logit_gradient_norms(logits, given, loss_fn).cpu().numpy()
+    losses = loss_fn.per_sample(logits.float(), given).cpu().numpy()
     noisy = p.labels.is_noisy
-    out = {"test_acc": test_acc, "train_acc_given": accuracy(logits.argmax(-1).cpu().numpy(), p.labels.given),
-           "grad_norm_clean": float(norms[~noisy].mean()) if (~noisy).any() else float("nan"),
-           "grad_norm_noisy": float(norms[noisy].mean()) if noisy.any() else float("nan")}
-    return out
+
+    def mean(values: np.ndarray, mask: np.ndarray) -> float:
+        return float(values[mask].mean()) if mask.any() else float("nan")
+
+    return {"test_acc": test_acc, "train_acc_given": accuracy(logits.argmax(-1).cpu().numpy(), p.labels.given),
+            "grad_norm_clean": mean(norms, ~noisy), "grad_norm_noisy": mean(norms, noisy),
+            "loss_clean": mean(losses, ~noisy), "loss_noisy": mean(losses, noisy)}
 
 
 @torch.no_grad()
