@@ -185,20 +185,58 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_sweep(args: argparse.Namespace) -> int:
-    from .sweep import list_cells, run_sweep
+def _preset_spec(args: argparse.Namespace) -> dict[str, Any]:
+    """The spec of --preset / `dspt presets NAME`, narrowed by --datasets, --root and --set."""
+    from .presets import parse_overrides, preset_spec
 
+    datasets = args.datasets.split(",") if args.datasets is not None else None
+    return preset_spec(args.preset, datasets, args.root, parse_overrides(args.set))
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .sweep import list_cells, load_grid, run_sweep
+
+    if (args.grid is None) == (args.preset is None):
+        raise ConfigError("give a grid file or --preset NAME (`dspt presets` lists them), not both or neither")
+    if args.preset is None and (args.datasets is not None or args.set):
+        raise ConfigError("--datasets and --set narrow a --preset; for a grid file, edit the file")
+    grid = args.grid if args.preset is None else _preset_spec(args)
+    if args.preset is None and args.root:  # the data root of a grid file, e.g. one from `dspt presets NAME`
+        grid = {k: v for k, v in load_grid(args.grid).items() if k != "root"} | {"root": args.root}
     if args.list:
-        for cell in list_cells(args.grid, args.output, args.results):
+        for cell in list_cells(grid, args.output, args.results):
             print(f"{cell.status():8s} {cell.run_dir}")
         return 0
     # this process only validates and schedules (never computes), so its workers may be plain forks of it
-    res = run_sweep(args.grid, output=args.output, jobs=args.jobs, backend=args.backend, results=args.results,
+    res = run_sweep(grid, output=args.output, jobs=args.jobs, backend=args.backend, results=args.results,
                     start_method="fork" if sys.platform.startswith("linux") else None, batch_runs=args.batch_runs,
                     cpus_per_run=args.cpus_per_run, gpus_per_run=args.gpus_per_run, cache_dir=args.cache_dir)
     for name, msg in res.failed.items():
         print(f"dspt: error: run {name} failed: {msg}", file=sys.stderr)
     return 0 if res.ok else 1
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    import textwrap
+
+    import yaml
+
+    from .presets import PRESETS, count_runs, describe, get_preset
+
+    if args.preset is None:
+        if args.datasets is not None or args.root or args.set:
+            raise ConfigError("--datasets, --root and --set narrow one preset; pass its name, e.g. "
+                              f"`dspt presets {next(iter(PRESETS))} --datasets dtd`")
+        print("\n\n".join(describe(name) for name in PRESETS))
+        print("\nrun one: dspt sweep --preset NAME --root DIR [--datasets a,b] [--set key=value ...]; "
+              "`dspt presets NAME` prints it as a grid file to edit")
+        return 0
+    preset, spec = get_preset(args.preset), _preset_spec(args)
+    head = [f"{preset.name}: {preset.description}", f"source: {preset.source}",
+            f"{count_runs(spec)} runs; run with: dspt sweep THIS.yaml --root DIR (or: dspt sweep --preset {preset.name})"]
+    print("\n".join(textwrap.fill(line, 116, initial_indent="# ", subsequent_indent="#   ") for line in head))
+    print(yaml.safe_dump(spec, sort_keys=False, width=116, default_flow_style=None), end="")
+    return 0
 
 
 def cmd_datasets(args: argparse.Namespace) -> int:
@@ -228,7 +266,9 @@ def _numbers(text: str, option: str) -> tuple[float, ...]:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    res = run_demo(seed=args.seed, output=args.output, noise_rates=_numbers(args.noise_rates, "--noise-rates"),
+    seeds = tuple(int(v) for v in _numbers(args.seeds, "--seeds"))
+    res = run_demo(prior_seed=args.prior_seed, seeds=seeds, output=args.output,
+                   noise_rates=_numbers(args.noise_rates, "--noise-rates"),
                    losses=tuple(args.losses.split(",")), epochs=args.epochs, shots=args.shots, views=args.views,
                    lrs=_numbers(args.lrs, "--lrs"), ctx_init=args.ctx_init or None,
                    model=args.model, pretrained=args.pretrained, checkpoint=args.checkpoint,
@@ -237,18 +277,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(res["setup"])
     print()
     print(res["table"])
+    print()
+    print("\n".join(res["verdicts"]))
     if res["sensitivity"]:
-        print("\nTest accuracy at every lr tried (rate sensitivity, not used to choose):")
+        print("\nTest accuracy at every lr tried, mean ± std over seeds (rate sensitivity, not used to choose):")
         print(res["sensitivity"])
     out = res["output"]
-    print(f"\nplot: {out / 'accuracy_vs_noise.png'}  table: {out / 'table.md'}  results: {out / 'results.csv'}")
+    print(f"\nplot: {out / 'accuracy_vs_noise.png'}  table: {out / 'table.md'}  report: {out / 'report' / 'report.html'}"
+          f"  results: {out / 'results.csv'}")
     print(f"wall time {res['seconds']:.0f} s (pretraining {res['pretrain_seconds']:.0f} s)")
     return 0
 
 
 def add_demo_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output", "-o", help="folder for runs, table, plot (default dspt_demo/seed<SEED>)")
+    p.add_argument("--prior-seed", type=int, default=0, help="seed of the miniature CLIP (its digits split and "
+                   "pretraining); another prior seed stands for another machine (default 0)")
+    p.add_argument("--seeds", default="1,2,3,4,5", help="tuning seeds (shots, noise, validation draw, init, views); "
+                   "results are mean ± std over them and differences are paired by seed (default 1,2,3,4,5)")
+    p.add_argument("--output", "-o", help="folder for runs, table, plot, report (default dspt_demo/prior<SEED>)")
     p.add_argument("--noise-rates", default="0,0.2,0.4,0.6,0.8", help="comma-separated sym noise rates")
     p.add_argument("--losses", default="ce,dspt", help="comma-separated losses to compare")
     p.add_argument("--epochs", type=int, default=30)
@@ -270,10 +316,32 @@ def add_demo_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import report
+
+    methods = [m for m in (args.methods or "").split(",") if m.strip()]
+    rep, files = report(args.stores, args.output, reference=args.reference, select=args.select,
+                        select_on=args.select_on, methods=methods or None, plots=not args.no_plots)
+    print(files["report.md"].read_text(encoding="utf-8"))
+    print(f"wrote {len(files)} files to {files['report.md'].parent}: " + ", ".join(sorted(files)))
+    return 0
+
+
 def cmd_doctor(args: argparse.Namespace) -> int:
     from .doctor import doctor
 
     return doctor(args.cache_dir)
+
+
+def add_preset_options(p: argparse.ArgumentParser) -> None:
+    """--datasets, --root, --set: narrow a preset (`dspt sweep --preset`, `dspt presets NAME`)."""
+    p.add_argument("--datasets", metavar="A,B", help="with a preset: only these of its datasets")
+    p.add_argument("--root", help="folder holding the datasets in CoOp's layout (default: the grid's 'root:', else "
+                   "$DSPT_DATA)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="with a preset: set an option for every run, repeatable (--set seed=1 --set epochs=2; "
+                   "a comma list is crossed: --set loss=ce,dspt; noise, fp, noise_rate pick the preset's settings "
+                   "that list the value)")
 
 
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
@@ -283,9 +351,11 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "losses": (cmd_losses, "list the losses"),
     "models": (cmd_models, "list open_clip models and pretrained tags"),
     "sweep": (cmd_sweep, "run a grid of configurations (skips finished runs, resumes partial ones)"),
+    "presets": (cmd_presets, "list the named protocol grids (dspt sweep --preset NAME), or print one as a grid file"),
     "datasets": (cmd_datasets, "list the datasets: found under --root?, class/train/val/test counts, what is missing"),
     "doctor": (cmd_doctor, "check the install: versions, device, cache"),
     "demo": (cmd_demo, "DSPT vs CoOp under label noise, offline, in minutes"),
+    "report": (cmd_report, "tables over seeds, paired comparisons with intervals, robustness and plots from results"),
 }
 
 
@@ -311,6 +381,20 @@ def build_parser() -> argparse.ArgumentParser:
             p.description = ("`dspt demo`: DSPT vs CoOp (cross-entropy) under symmetric label noise, offline, in a "
                              "few minutes.")
             add_demo_options(p)
+        elif name == "report":
+            p.add_argument("stores", nargs="+", metavar="STORE",
+                           help="results.csv, sweep or demo folder, or run folder(s); several are merged")
+            p.add_argument("--output", "-o", help="folder to write into (default: STORE/report for one folder, "
+                           "else report/)")
+            p.add_argument("--reference", default="ce", help="method the others are compared with, paired by "
+                           "seed (default ce: CoOp)")
+            p.add_argument("--select", default="lr", choices=["lr", "none"], help="lr: each method's learning "
+                           "rate chosen per setting on mean validation accuracy over seeds (default); none: every "
+                           "rate reported as a method of its own")
+            p.add_argument("--select-on", default="noisy", choices=["noisy", "clean"], help="validation labels the "
+                           "choice uses: the noisy ones a user has (default) or clean ones")
+            p.add_argument("--methods", help="comma-separated methods to report (default: all in the stores)")
+            p.add_argument("--no-plots", action="store_true", help="tables and CSV files only")
         elif name == "datasets":
             p.add_argument("names", nargs="*", help="datasets to show (default: all)")
             p.add_argument("--root", help="folder holding the datasets (default: $DSPT_DATA)")
@@ -318,9 +402,17 @@ def build_parser() -> argparse.ArgumentParser:
                            help="download NAME with torchvision into --root first (repeatable; needs internet)")
             p.add_argument("--cache-dir", help="where generated split files go (default: $DSPT_CACHE or ~/.cache/dspt)")
             p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+        elif name == "presets":
+            p.add_argument("preset", nargs="?", metavar="NAME", help="print this preset as a grid file (YAML)")
+            add_preset_options(p)
         elif name == "sweep":
-            p.add_argument("grid", help="YAML file of run options; list values are crossed (see dspt.sweep)")
-            p.add_argument("--output", "-o", help="sweep folder (default: the grid's 'output:')")
+            p.add_argument("grid", nargs="?", help="YAML file of run options; list values are crossed (see "
+                           "dspt.sweep); or --preset NAME")
+            p.add_argument("--preset", metavar="NAME", help="a named protocol grid instead of a file (`dspt presets` "
+                           "lists them); runs into sweeps/NAME unless -o")
+            add_preset_options(p)
+            p.add_argument("--output", "-o", help="sweep folder (default: the grid's 'output:', sweeps/NAME for a "
+                           "preset)")
             p.add_argument("--results", help="results CSV (default: results.csv in the sweep folder)")
             p.add_argument("--jobs", "-j", type=int, default=1, help="worker processes on this machine, each "
                            "training a run or a batch of runs (default 1: in this process; ignored with --backend "
@@ -346,7 +438,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.epilog = ("example grid (12 runs into sweeps/demo/<loss=..,noise_rate=..,seed=..>/):\n"
                         "  data: images/\n  model: RN50\n  shots: 16\n  output: sweeps/demo\n"
                         "  loss: [ce, dspt]\n  noise_rate: [0, 0.4]\n  seed: [1, 2, 3]\n"
-                        "Run it again after a crash or a kill: finished runs are skipped, partial ones resume.")
+                        "Run it again after a crash or a kill: finished runs are skipped, partial ones resume.\n"
+                        "A paper's protocol by name: dspt sweep --preset ptnl --root DIR (`dspt presets` lists them).")
     return parser
 
 

@@ -18,6 +18,22 @@ every time the grid is run. A `grid:` mapping of lists may be used instead of to
 `loss_options` may be a list of mappings (each one a cell). Relative paths are relative to the current
 folder, as on the command line.
 
+One cross product cannot say "symflip at FP 2..12, sym at rate 0.125..0.75, and Food-101N with its own
+labels". `grids:`, a list of mappings, is a union of grids: each entry is crossed on its own on top of the
+top-level options (its options first, then the top-level lists), and the cells are concatenated in order.
+Every option of an entry is crossed, even a single value, so cell names say which entry a cell comes from;
+an entry's value wins over a top-level single value, and an option crossed at the top level cannot be given
+again in an entry. Two cells that would get the same folder stop the grid with an error naming both::
+
+    model: RN50
+    output: sweeps/union
+    loss: [ce, dspt]                                   # crossed in every entry
+    seed: [1, 2, 3]
+    grids:
+      - {dataset: [dtd, eurosat], noise: [symflip, pairflip], fp: [2, 4]}    # 2 x 2 x 2 x 2 x 3 = 48 runs
+      - {dataset: [dtd, eurosat], noise: [sym, pair], noise_rate: [0.125]}   # 24 runs
+      - {dataset: food101n, noise: given}                                     # 6 runs; 78 in all
+
 Restarting a sweep is always safe: a cell whose metrics.json exists is not run again (its results row is
 re-added if a kill came between the two writes), a cell with a checkpoint resumes from it, and results rows
 are keyed by run folder, so nothing is lost and nothing is counted twice.
@@ -55,7 +71,7 @@ from .rundir import check_run_dir, finished_metrics, has_checkpoint, is_finished
 log = logging.getLogger(__name__)
 
 #: Keys of a grid file that are not RunConfig fields.
-SWEEP_KEYS = ("grid", "output", "results")
+SWEEP_KEYS = ("grid", "grids", "output", "results")
 _FIELDS = {f.name for f in fields(RunConfig)}
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+=,-]+")
 
@@ -134,13 +150,59 @@ def _grid_value(key: str, value: Any) -> Any:
         raise ConfigError(f"grid option '{key}': {exc}") from None
 
 
+def _axis_values(key: str, value: Any, where: str) -> list[Any]:
+    """The values a crossed option takes, as its field's type; ConfigError on an empty list or a repeat."""
+    values = value if isinstance(value, list) else [value]
+    if not values:
+        raise ConfigError(f"{where}option '{key}' has an empty list of values")
+    values = [_grid_value(key, v) for v in values]
+    texts = [_value_text(v) for v in values]
+    if len(set(texts)) != len(texts):
+        raise ConfigError(f"{where}option '{key}' lists a value twice: {values}")
+    return values
+
+
+def _check_key(key: str, where: str = "") -> None:
+    if key not in _FIELDS:
+        raise ConfigError(f"unknown option '{key}' in the grid{where}; valid: {', '.join(sorted(_FIELDS))}, "
+                          f"and {', '.join(SWEEP_KEYS)}")
+    if key in ("output", "results"):
+        raise ConfigError("'output' and 'results' name the sweep folder and file; they cannot be crossed")
+
+
+def _sub_grids(entries: Any, shared: dict[str, list[Any]]) -> list[dict[str, list[Any]]]:
+    """The crossed options of each entry of 'grids:' (all of its options are crossed, so its cell names say
+    which entry they come from), checked: a mapping each, no option that the top level already crosses."""
+    if not isinstance(entries, list) or not entries:
+        raise ConfigError("'grids:' must be a non-empty list of mappings (option -> value or list of values), "
+                          "each crossed separately on top of the top-level options")
+    out = []
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise ConfigError(f"grids[{i}] must be a mapping of option -> value or list of values, "
+                              f"not {type(entry).__name__}")
+        axes: dict[str, list[Any]] = {}
+        for key, value in entry.items():
+            _check_key(key, f" (grids[{i}])")
+            if key in shared:
+                raise ConfigError(f"option '{key}' is crossed at the top level and again in grids[{i}]; give it "
+                                  "in one place")
+            axes[key] = _axis_values(key, value, f"grids[{i}] ")
+        out.append(axes)
+    return out
+
+
 def expand(spec: dict[str, Any], output: str | os.PathLike | None = None,
            results: str | os.PathLike | None = None) -> list[Cell]:
-    """All cells of a grid, each with a resolved (validated) config. Raises ConfigError naming the cell."""
+    """All cells of a grid, each with a resolved (validated) config. Raises ConfigError naming the cell.
+
+    Resolving a config checks names and values only (dataset, model, loss, noise): no data is read, so a
+    grid can be expanded and listed on a machine without the datasets."""
     spec = dict(spec)
     grid = spec.pop("grid", None) or {}
     if not isinstance(grid, dict):
         raise ConfigError("'grid:' must be a mapping of option -> list of values")
+    entries = spec.pop("grids", None)
     root = output or spec.pop("output", None)
     spec.pop("output", None)
     results = results or spec.pop("results", None)
@@ -150,41 +212,37 @@ def expand(spec: dict[str, Any], output: str | os.PathLike | None = None,
     axes: dict[str, list[Any]] = {}
     base: dict[str, Any] = {}
     for key, value in list(spec.items()) + [(k, v) for k, v in grid.items()]:
-        if key not in _FIELDS:
-            raise ConfigError(f"unknown option '{key}' in the grid; valid: {', '.join(sorted(_FIELDS))}, "
-                              f"and {', '.join(SWEEP_KEYS)}")
+        _check_key(key)
         if key in grid and key in spec:
             raise ConfigError(f"option '{key}' is given both at the top level and under 'grid:'")
         if isinstance(value, list) or key in grid:
-            values = value if isinstance(value, list) else [value]
-            if not values:
-                raise ConfigError(f"grid option '{key}' has an empty list of values")
-            values = [_grid_value(key, v) for v in values]
-            texts = [_value_text(v) for v in values]
-            if len(set(texts)) != len(texts):
-                raise ConfigError(f"grid option '{key}' lists a value twice: {values}")
-            axes[key] = values
+            axes[key] = _axis_values(key, value, "grid ")
         else:
             base[key] = _grid_value(key, value)
-    if "output" in axes or "results" in axes:
-        raise ConfigError("'output' and 'results' name the sweep folder and file; they cannot be crossed")
+    subs = [{}] if entries is None else _sub_grids(entries, axes)
     root = Path(root)
     results_path = Path(results) if results else root / "results.csv"
     cells: list[Cell] = []
-    seen: dict[str, dict[str, Any]] = {}
-    for combo in itertools.product(*axes.values()):
-        values = dict(zip(axes, combo))
-        name = cell_name(values)
-        if name in seen:
-            raise ConfigError(f"cells {seen[name]} and {values} would share the folder '{name}'; "
-                              "use values that differ after replacing unusual characters")
-        seen[name] = values
-        data = base | values | {"output": str(root / name), "results": str(results_path), "progress": False}
-        try:
-            cfg = RunConfig.from_dict(data).resolved()
-        except (ConfigError, TypeError) as exc:
-            raise ConfigError(f"grid cell '{name}': {exc}") from None
-        cells.append(Cell(name, values, cfg))
+    seen: dict[str, tuple[int, dict[str, Any]]] = {}
+    for i, sub in enumerate(subs):
+        crossed = sub | axes  # the entry's options first: 'dataset=dtd,noise=symflip,fp=2,loss=ce,seed=1'
+        for combo in itertools.product(*crossed.values()):
+            values = dict(zip(crossed, combo))
+            name = cell_name(values)
+            if name in seen:
+                j, other = seen[name]
+                where = f" (grids[{j}] and grids[{i}])" if entries is not None and i != j else ""
+                raise ConfigError(f"cells {other} and {values}{where} would share the folder '{name}'; "
+                                  + ("use values that differ after replacing unusual characters" if i == j else
+                                     "cross an option whose values tell the entries apart (e.g. noise, dataset)"))
+            seen[name] = (i, values)
+            data = ({k: v for k, v in base.items() if k not in sub} | values
+                    | {"output": str(root / name), "results": str(results_path), "progress": False})
+            try:
+                cfg = RunConfig.from_dict(data).resolved()
+            except (ConfigError, TypeError) as exc:
+                raise ConfigError(f"grid cell '{name}': {exc}") from None
+            cells.append(Cell(name, values, cfg))
     return cells
 
 
@@ -554,6 +612,9 @@ def run_sweep(
         spec = {k: v for k, v in spec.items() if k != "cache_dir"} | {"cache_dir": str(cache_dir)}
         if isinstance(spec.get("grid"), dict):
             spec["grid"] = {k: v for k, v in spec["grid"].items() if k != "cache_dir"}
+        if isinstance(spec.get("grids"), list):
+            spec["grids"] = [{k: v for k, v in e.items() if k != "cache_dir"} if isinstance(e, dict) else e
+                             for e in spec["grids"]]
     cells = expand(spec, output, results)  # every cell is checked before anything runs
     if backend == "ray":
         _require_ray()

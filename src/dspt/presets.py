@@ -1,0 +1,291 @@
+"""Named sweep grids: the protocols of this research line, so one command reproduces a paper's table.
+
+`dspt presets` lists them; `dspt presets NAME` prints one as a grid file to copy and edit; `dspt sweep --preset
+NAME --root DIR` runs it into `sweeps/NAME` (finished runs skipped, partial ones resumed, as any sweep).
+
+A preset is a function that builds a `dspt.sweep` spec when asked, so a loss registered after import is in
+"every loss" presets. The noise settings of a paper do not form one cross product (symflip/pairflip take
+`fp`, sym/pair `noise_rate`, Food-101N none), so presets are unions of grids (`grids:`), each entry crossing
+`dataset` and `noise` so that every cell name says what it is: `dataset=dtd,noise=symflip,fp=2,loss=ce,seed=1`.
+
+`preset_spec(name, datasets, root, overrides)` narrows a preset: `datasets` keeps some of its datasets, and
+each override sets an option for every cell (`seed=1`, `epochs=2`; a list is crossed). An option a preset
+crosses per noise setting (noise, fp, noise_rate) selects instead: entries that list the value keep only it,
+entries that list none of the values are left out (`noise=symflip` drops the sym/pair entry); a value that
+no entry lists replaces the lists (`fp=3`). Crossed options stay crossed, so a slice runs into the same
+folders as the full preset, which then skips them.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+from .config import coerce_field
+from .errors import ConfigError
+from .sweep import _value_text
+
+SpecBuilder = Callable[[], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    description: str  # one line
+    source: str  # the papers, and where each value comes from
+    build: SpecBuilder  # a fresh sweep spec (without output:) each call
+
+    def spec(self) -> dict[str, Any]:
+        return self.build()
+
+
+PRESETS: dict[str, Preset] = {}
+
+#: Free-text options: a comma in their value is text, not a list.
+_TEXT_FIELDS = ("template", "ctx_init")
+#: Options set by their own flags, not --set.
+_OWN_FLAGS = {"output": "-o DIR", "results": "--results FILE", "dataset": "--datasets a,b"}
+
+
+def register_preset(preset: Preset) -> Preset:
+    """Add `preset` to PRESETS under its name (unique)."""
+    if preset.name in PRESETS:
+        raise ValueError(f"preset '{preset.name}' is already registered")
+    PRESETS[preset.name] = preset
+    return preset
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset '{name}'; choose one of: {', '.join(PRESETS)} (`dspt presets` lists them)")
+    return PRESETS[name]
+
+
+def default_output(name: str) -> str:
+    return f"sweeps/{name}"
+
+
+def parse_overrides(items: Iterable[str] | None) -> dict[str, Any]:
+    """`KEY=VALUE` strings (--set) as {field: value}; 'a,b' becomes a list (crossed), values stay text here
+    and are coerced to the field's type by `preset_spec`."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise ConfigError(f"--set '{item}' must look like KEY=VALUE, e.g. --set epochs=2 or --set loss=ce,dspt")
+        if key in out:
+            raise ConfigError(f"--set {key} is given twice; give a comma list instead, e.g. --set {key}=a,b")
+        out[key] = value.split(",") if "," in value and key not in _TEXT_FIELDS else value
+    return out
+
+
+def _coerced(key: str, value: Any) -> list[Any]:
+    values = value if isinstance(value, list) else [value]
+    try:
+        out = [coerce_field(key, v) for v in values]
+    except ConfigError as exc:
+        raise ConfigError(f"--set {key}: {exc}") from None
+    if not out or len({_value_text(v) for v in out}) != len(out):
+        raise ConfigError(f"--set {key}={','.join(map(str, values))} must list distinct values")
+    return out
+
+
+def _override(spec: dict[str, Any], key: str, values: list[Any]) -> None:
+    """Set `key` for every cell of `spec` (see the module docstring: select where an entry crosses it)."""
+    if key in _OWN_FLAGS:
+        raise ConfigError(f"--set {key} is not allowed; use {_OWN_FLAGS[key]}")
+    if key == "noise":  # checked here: a bad type would otherwise surface as a confusing --fp error
+        from .noise import NOISE_TYPES
+
+        bad = [v for v in values if v not in NOISE_TYPES]
+        if bad:
+            raise ConfigError(f"--set noise={bad[0]}: unknown noise type; choose one of: "
+                              f"{', '.join(sorted(NOISE_TYPES))}")
+    entries = [e for e in spec.get("grids", []) if key in e]
+    texts = {_value_text(v) for v in values}
+    if entries:
+        listed = [e for e in entries if texts & {_value_text(v) for v in _as_list(e[key])}]
+        for entry in entries:
+            if listed and not any(entry is e for e in listed):
+                spec["grids"] = [e for e in spec["grids"] if e is not entry]
+            else:
+                keep = [v for v in _as_list(entry[key]) if _value_text(v) in texts] if listed else values
+                entry[key] = keep
+    grid = spec.get("grid") or {}
+    if key in grid:
+        grid[key] = values
+    elif key in spec:
+        crossed = isinstance(spec[key], list)
+        spec[key] = values if crossed or len(values) > 1 else values[0]
+    elif not entries:
+        spec[key] = values if len(values) > 1 else values[0]
+
+
+def _as_list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else [value]
+
+
+def preset_datasets(spec: dict[str, Any]) -> list[str]:
+    """The datasets of a preset spec, in order."""
+    names = list(_as_list(spec.get("dataset", [])))
+    for entry in spec.get("grids", []):
+        names += [d for d in _as_list(entry.get("dataset", [])) if d not in names]
+    return list(dict.fromkeys(names))
+
+
+def _restrict(spec: dict[str, Any], name: str, datasets: Iterable[str]) -> None:
+    from .data import DataError, resolve_dataset_name
+
+    valid = preset_datasets(spec)
+    wanted = []
+    for d in [d for d in datasets if d.strip()]:
+        try:
+            resolved = resolve_dataset_name(d.strip())
+        except DataError:
+            resolved = None
+        if resolved not in valid:
+            raise ConfigError(f"--datasets: '{d.strip()}' is not a dataset of preset '{name}'; choose from: "
+                              f"{', '.join(valid)}")
+        wanted.append(resolved)
+    if not wanted:
+        raise ConfigError(f"--datasets is empty; choose from: {', '.join(valid)}")
+    if isinstance(spec.get("dataset"), list):
+        spec["dataset"] = [d for d in spec["dataset"] if d in wanted]
+    if "grids" in spec:
+        kept = []
+        for entry in spec["grids"]:
+            names = [d for d in _as_list(entry.get("dataset", [])) if d in wanted]
+            if "dataset" not in entry or names:
+                kept.append(entry | ({"dataset": names} if names else {}))
+        spec["grids"] = kept
+
+
+def preset_spec(name: str, datasets: Iterable[str] | None = None, root: str | None = None,
+                overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The sweep spec of preset `name` (for `dspt.sweep.run_sweep`), into `sweeps/<name>` unless the spec is
+    given another output; `datasets` keeps only those, `root` is the data root, `overrides` set options for
+    every cell (see the module docstring)."""
+    preset = get_preset(name)
+    spec = copy.deepcopy(preset.spec())
+    spec.setdefault("output", default_output(name))
+    if datasets is not None:
+        _restrict(spec, name, datasets)
+    if root is not None:
+        spec["root"] = str(root)
+    for key, value in (overrides or {}).items():
+        key = key.replace("-", "_")
+        _override(spec, key, _coerced(key, value))
+    if "grids" in spec and not spec["grids"]:
+        raise ConfigError(f"preset '{name}' has no runs left after --datasets / --set; check the values against "
+                          f"`dspt presets {name}`")
+    return spec
+
+
+def count_runs(spec: dict[str, Any]) -> int:
+    """Number of cells of a spec, without resolving them (no data root needed)."""
+    def size(options: dict[str, Any]) -> int:
+        n = 1
+        for value in options.values():
+            n *= len(value) if isinstance(value, list) else 1
+        return n
+
+    top = {k: v for k, v in spec.items() if k not in ("grid", "grids")}
+    shared = size(top) * size(spec.get("grid") or {})
+    return shared * sum(size(entry) for entry in spec.get("grids", [{}]))
+
+
+def describe(name: str) -> str:
+    """What `dspt presets` prints for one preset."""
+    preset = get_preset(name)
+    spec = preset.spec()
+    losses = _as_list(spec.get("loss", []))
+    noise = []
+    for entry in spec.get("grids", []):
+        level = next((k for k in ("fp", "noise_rate") if k in entry), None)
+        text = "/".join(_as_list(entry.get("noise", spec.get("noise", "sym"))))
+        if level:
+            text += f" {'FP' if level == 'fp' else 'rate'} " + ",".join(_value_text(v) for v in _as_list(entry[level]))
+        ds = _as_list(entry.get("dataset", []))
+        text += f" on {', '.join(ds)}" if len(ds) <= 2 else f" on {len(ds)} datasets"
+        noise.append(text)
+    pretrained = spec.get("pretrained", "openai")
+    rows = [
+        ("models", ", ".join(f"{m} ({pretrained})" for m in _as_list(spec.get("model", "RN50")))),
+        ("datasets", ", ".join(preset_datasets(spec))),
+        ("noise", "; ".join(noise)),
+        ("training", f"{spec.get('shots', 16)} shots, {spec.get('epochs')} epochs, lr {spec.get('lr', 0.002):g}, "
+                     f"batch {spec.get('batch_size', 32)}, n_ctx {spec.get('n_ctx', 16)}, class token "
+                     f"{spec.get('class_token_position', 'end')}, context init {spec.get('ctx_init') or 'random'}"),
+        ("losses", ", ".join(losses)),
+        ("seeds", ", ".join(str(s) for s in _as_list(spec.get("seed", 1)))),
+        ("source", preset.source),
+    ]
+    head = f"{preset.name}: {count_runs(spec)} runs into {default_output(name)}/\n  {preset.description}"
+    return head + "".join(f"\n  {k + ':':9s} {v}" for k, v in rows)
+
+
+# ----------------------------------------------------------------------------------------------- presets
+
+#: CoOp's 11 benchmarks minus ImageNet, in CoOp's order.
+COOP_10 = ["caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101", "fgvc_aircraft", "sun397",
+           "dtd", "eurosat", "ucf101"]
+#: The datasets of PTNL's training scripts (scripts/upl_train_exp*.sh).
+PTNL_DATASETS = ["caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "dtd", "ucf101"]
+FP_16 = [2, 4, 6, 8, 10, 12]  # 12.5 % ... 75 % of 16 shots
+
+#: CoOp's prompt and optimiser, shared by every preset (CoOp's configs/trainers/CoOp/rn50.yaml, which PTNL,
+#: JoAPR and NLPrompt copy): 16 random-init context vectors, class token at the end, SGD lr 0.002, batch 32.
+COOP_BASE = {"pretrained": "openai", "shots": 16, "n_ctx": 16, "ctx_init": None, "class_token_position": "end",
+             "csc": False, "lr": 0.002, "batch_size": 32}
+
+JOAPR_SOURCE = (
+    "JoAPR (Guo & Gu, CVPR 2024: scripts/main.sh, configs/trainers/JoAPR/rn50.yaml) and NLPrompt (Pan et al., "
+    "CVPR 2025), both built on CoOp (Zhou et al., IJCV 2022). RN50, 16 shots, 200 epochs, n_ctx 16, random init, "
+    "class token end, lr 0.002, batch 32: CoOp's rn50 config as JoAPR ships it. symflip/pairflip FP 2..12 of "
+    "16 (12.5-75 %): JoAPR's table of settings; sym/pair at the same rates: NLPrompt's Sym/Asym noise. "
+    "Seeds 1-3: JoAPR's main.sh. Datasets: the CoOp benchmarks without ImageNet, plus Food-101N with its own "
+    "web labels (one setting: noise given). JoAPR's README also tunes ImageNet (and has no Food-101 row): to "
+    "add it, edit the grid from `dspt presets NAME`. Losses: every registered loss (`dspt losses`).")
+PTNL_SOURCE = (
+    "PTNL (Wu et al., ICCV 2023, 'Why is prompt tuning for vision-language models robust to noisy labels?'; "
+    "CEWu/PTNL). RN50, 50 epochs: configs/trainers/UPLTrainer/rn50_ep50.yaml (lr 0.002, batch 32, 1 warm-up "
+    "epoch at 1e-5). 16 shots, n_ctx 16, class token end, random init, FP 0, 2, 4, 8 of 16 (0-50 %): "
+    "README and scripts/upl_train_exp*.sh. Losses: cross-entropy, and GCE (q 0.7) of --use-robustloss. "
+    "Noise: symflip (its scripts set only a count of false positives per class, --num-fp; dspt draws them "
+    "uniformly from the other classes). "
+    "Datasets: those of its scripts. Seeds 1-3 (its scripts run seeds 1-16 for an ensemble).")
+
+
+def _every_loss() -> list[str]:
+    from .losses import loss_names
+
+    return loss_names()
+
+
+def joapr_spec(model: str = "RN50") -> dict[str, Any]:
+    """JoAPR / NLPrompt: symflip/pairflip and sym/pair at 12.5-75 % on 10 CoOp datasets, plus Food-101N."""
+    return {"model": model, **COOP_BASE, "epochs": 200, "loss": _every_loss(), "seed": [1, 2, 3],
+            "grids": [
+                {"dataset": list(COOP_10), "noise": ["symflip", "pairflip"], "fp": list(FP_16)},
+                {"dataset": list(COOP_10), "noise": ["sym", "pair"], "noise_rate": [fp / 16 for fp in FP_16]},
+                {"dataset": ["food101n"], "noise": ["given"]},
+            ]}
+
+
+def ptnl_spec(model: str = "RN50") -> dict[str, Any]:
+    """PTNL: symflip FP 0, 2, 4, 8 of 16, CE vs GCE, 50 epochs."""
+    return {"model": model, **COOP_BASE, "epochs": 50, "loss": ["ce", "gce"], "seed": [1, 2, 3],
+            "grids": [{"dataset": list(PTNL_DATASETS), "noise": ["symflip"], "fp": [0, 2, 4, 8]}]}
+
+
+_VIT = "ViT-B-16 (openai) instead of RN50, all else as"
+register_preset(Preset("joapr", "JoAPR / NLPrompt protocol: CoOp RN50, 16 shots, 200 epochs; symflip/pairflip "
+                       "and sym/pair noise at 12.5-75 % on 10 CoOp datasets, Food-101N; every loss; seeds 1-3",
+                       JOAPR_SOURCE, joapr_spec))
+register_preset(Preset("joapr-vitb16", f"{_VIT} joapr", JOAPR_SOURCE + " ViT-B/16: same schedule, other backbone "
+                       "(CoOp's vit_b16 config has the same optimiser settings).", lambda: joapr_spec("ViT-B-16")))
+register_preset(Preset("ptnl", "PTNL protocol: CoOp RN50, 16 shots, 50 epochs; symflip FP 0/2/4/8 of 16 on 6 CoOp "
+                       "datasets; CE vs GCE; seeds 1-3", PTNL_SOURCE, ptnl_spec))
+register_preset(Preset("ptnl-vitb16", f"{_VIT} ptnl", PTNL_SOURCE + " ViT-B/16: same schedule, other backbone.",
+                       lambda: ptnl_spec("ViT-B-16")))
