@@ -48,3 +48,19 @@ def test_gradient_norms_match_the_closed_form(loss):
         py = p.gather(1, y[:, None])
         expected = (p * (q - onehot - (p * q).sum(-1, keepdim=True) + py)).norm(dim=-1)
     assert torch.allclose(norms, expected, atol=1e-5)
+
+
+def test_mean_confidence_is_the_mean_top_class_probability():
+    import torch
+
+    from dspt.metrics import mean_confidence
+
+    g = torch.Generator().manual_seed(0)
+    img = torch.nn.functional.normalize(torch.randn(7, 5, generator=g), dim=-1)
+    txt = torch.nn.functional.normalize(torch.randn(3, 5, generator=g), dim=-1)
+    z = 30.0 * img.double() @ txt.double().t()
+    p = torch.exp(z - z.max(-1, keepdim=True).values)
+    want = float(100 * (p / p.sum(-1, keepdim=True)).max(-1).values.mean())
+    assert abs(mean_confidence(img, txt, 30.0) - want) < 1e-4
+    same = txt[:1].expand(3, 5)  # identical class features: every class equally likely
+    assert abs(mean_confidence(img, same, 100.0) - 100 / 3) < 1e-4

@@ -233,7 +233,8 @@ def cmd_presets(args: argparse.Namespace) -> int:
         return 0
     preset, spec = get_preset(args.preset), _preset_spec(args)
     head = [f"{preset.name}: {preset.description}", f"source: {preset.source}",
-            f"{count_runs(spec)} runs; run with: dspt sweep THIS.yaml --root DIR (or: dspt sweep --preset {preset.name})"]
+            f"{count_runs(spec)} runs; run with: dspt sweep THIS.yaml --root DIR "
+            f"(or: dspt sweep --preset {preset.name})"]
     print("\n".join(textwrap.fill(line, 116, initial_indent="# ", subsequent_indent="#   ") for line in head))
     print(yaml.safe_dump(spec, sort_keys=False, width=116, default_flow_style=None), end="")
     return 0
@@ -283,7 +284,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print("\nTest accuracy at every lr tried, mean ± std over seeds (rate sensitivity, not used to choose):")
         print(res["sensitivity"])
     out = res["output"]
-    print(f"\nplot: {out / 'accuracy_vs_noise.png'}  table: {out / 'table.md'}  report: {out / 'report' / 'report.html'}"
+    print(f"\nplot: {out / 'accuracy_vs_noise.png'}  table: {out / 'table.md'}  "
+          f"report: {out / 'report' / 'report.html'}"
           f"  results: {out / 'results.csv'}")
     print(f"wall time {res['seconds']:.0f} s (pretraining {res['pretrain_seconds']:.0f} s)")
     return 0

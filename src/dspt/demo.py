@@ -3,9 +3,9 @@
 The orchestration only: the prior and its digits (`dspt.miniature`), every (noise rate, loss, lr, tuning seed)
 run as a `dspt sweep` through the pipeline `dspt train` uses, each method's learning rate chosen per noise rate
 on validation accuracy averaged over the seeds and the paired comparison with its interval (`dspt.report`),
-then the tables (`dspt.tables`), the plot (`dspt.plots`), the report and the results files. Without `--model`, the offline miniature CLIP on textured-paper digits (see `dspt.miniature`
-for what it is and is not); with `--model/--pretrained` (or `--checkpoint`) and `--data`, the same
-comparison runs on real CLIP.
+then the tables (`dspt.tables`), the plot (`dspt.plots`), the report and the results files. Without
+`--model`, the offline miniature CLIP on textured-paper digits (see `dspt.miniature` for what it is and is
+not); with `--model/--pretrained` (or `--checkpoint`) and `--data`, the same comparison runs on real CLIP.
 """
 from __future__ import annotations
 
@@ -128,7 +128,8 @@ def run_demo(
         raise ConfigError("--seeds needs at least one tuning seed, e.g. 1,2,3,4,5")
     if "ce" in losses and losses[0] != "ce":
         losses = ("ce",) + tuple(l for l in losses if l != "ce")
-    out = Path(output) if output is not None else Path("dspt_demo") / (f"prior{prior_seed}" if model is None else "clip")
+    default = Path("dspt_demo") / (f"prior{prior_seed}" if model is None else "clip")
+    out = Path(output) if output is not None else default
     if model is None:
         if data is not None:
             raise ConfigError("--data needs a real CLIP: add --model NAME --pretrained TAG (or --checkpoint FILE)")

@@ -47,3 +47,14 @@ def logit_gradient_norms(logits: torch.Tensor, labels: torch.Tensor, loss_fn: to
         raise ValueError("loss has no per-sample form")
     (grad,) = torch.autograd.grad(per_sample.sum(), z)
     return grad.norm(dim=-1)
+
+
+def mean_confidence(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: float) -> float:
+    """Mean top-class probability of softmax(scale * cos): how sure the classifier is. With a fixed logit scale,
+    the only way a shared prompt can lower it is to pull the class text features together, so it explains a
+    text cosine near 1 (an overconfident prior tuned with cross-entropy does exactly that)."""
+    if len(image_features) == 0:
+        return float("nan")
+    z = logit_scale * (image_features.float() @ text_features.to(image_features.device).float().t())
+    return float(100.0 * torch.softmax(z, -1).max(-1).values.mean())
+

@@ -187,7 +187,8 @@ class Table:
             return f"<td><b>{body}</b></td>" if (i, j) in self.bold else f"<td>{body}</td>"
 
         head = "".join(f"<th>{html.escape(h)}</th>" for h in self.header)
-        body = "".join("<tr>" + "".join(td(i, j, t) for j, t in enumerate(r)) + "</tr>" for i, r in enumerate(self.rows))
+        body = "".join("<tr>" + "".join(td(i, j, t) for j, t in enumerate(r)) + "</tr>"
+                       for i, r in enumerate(self.rows))
         return f"<h4>{html.escape(self.title)}</h4><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
@@ -370,7 +371,7 @@ def write_report(rep: Report, out: str | Path, stores: Sequence[str | Path], plo
         md += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in images] + [""]
     atomic_write_text(out / "report.md", "\n".join(md))
     files["report.md"] = out / "report.md"
-    body = [f"<h1>dspt report</h1>"] + [f"<p>{html.escape(line)}</p>" for line in _intro(rep, stores)]
+    body = ["<h1>dspt report</h1>"] + [f"<p>{html.escape(line)}</p>" for line in _intro(rep, stores)]
     for title, tables in sections:
         body += [f"<h2>{html.escape(title)}</h2>"] + [t.html() for t in tables]
     if images:

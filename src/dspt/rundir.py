@@ -73,6 +73,7 @@ def result_row(cfg: RunConfig, metrics: dict[str, Any], run_dir: Path) -> dict[s
         "gain_over_zeroshot": metrics["gain_over_zeroshot"], "memorised": metrics["train"]["memorised"],
         "corrected": metrics["train"]["corrected"], "clean_fit": metrics["train"]["clean_fit"],
         "text_cosine": metrics["text_cosine"]["final"], "ctx_drift": metrics["ctx_drift"],
+        "test_confidence": metrics.get("test_confidence", float("nan")),
         "train_seconds": metrics["seconds"]["train"],
     }
 

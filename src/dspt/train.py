@@ -36,7 +36,7 @@ from .features import cached_features
 from .io import (LockBusy, append_jsonl, atomic_write, atomic_write_json, atomic_write_text, process_lock, read_json,
                  read_jsonl)
 from .losses import get_loss
-from .metrics import accuracy, logit_gradient_norms, memorisation, per_class_accuracy, predict
+from .metrics import accuracy, logit_gradient_norms, mean_confidence, memorisation, per_class_accuracy, predict
 from .noise import NoisyLabels, make_noisy_labels
 from .numbers import round_half_up
 from .optim import RunwiseSGD
@@ -688,6 +688,7 @@ def evaluate(p: Prepared, clf: PromptClassifier, zs_pred: np.ndarray, ctx0: torc
         "train": memorisation(train_pred, p.labels.given, p.labels.true),
         "noise": p.labels.summary(),
         "text_cosine": {"init": init_cos, "final": mean_pairwise_cosine(text)},
+        "test_confidence": mean_confidence(p.test_feats, text, float(p.backbone.logit_scale)),
         "ctx_drift": context_drift(clf.learner.ctx.detach(), ctx0),
         "logit_scale": float(p.backbone.logit_scale),
         "n_train": len(p.train),
