@@ -209,3 +209,29 @@ def test_cli_prints_the_tables_and_names_a_bad_store(tmp_path):
     assert code == 2 and err.count("\n") == 1 and "not found" in err
     code, out, err = run_cli(["report", str(path), "--reference", "gce", "-o", str(tmp_path / "r2"), "--no-plots"])
     assert code == 0 and "'gce' is not in the store" in out
+
+
+def test_an_exact_validation_tie_goes_to_the_smaller_rate_whatever_the_row_order():
+    """Two rates whose mean validation accuracies are equal: a float mean can still differ in its last bit with
+    the order of the rows (a demo's own table and a report of its store once chose different rates this
+    way). The tie must go to the smaller rate in every order."""
+    vals = {  # recorded by the demo (prior 2, CE, 20 % noise): 0.002 and 0.02 both sum to 236.87 over 5 seeds
+        0.0002: [52.02020202020202, 44.44444444444444, 44.44444444444444, 41.41414141414141, 49.494949494949495],
+        0.002: [44.44444444444444, 48.484848484848484, 45.45454545454545, 45.45454545454545, 53.03030303030303],
+        0.02: [46.464646464646464, 46.464646464646464, 48.484848484848484, 48.98989898989899, 46.464646464646464],
+        0.2: [37.37373737373738, 37.878787878787875, 39.8989898989899, 48.98989898989899, 38.88888888888889]}
+    rows = [{"run_id": f"{lr}-{s}", "dataset": "d", "model": "m", "weights": "w", "shots": 16, "epochs": 30,
+             "noise": "sym", "noise_rate": 0.2, "loss": "ce", "loss_options": "", "lr": lr, "seed": s,
+             "val_acc_given": v, "test_acc": 50.0 + 10 * lr}
+            for lr, vs in vals.items() for s, v in enumerate(vs, start=1)]
+    from dspt.report import runs_frame
+
+    plain_ties = []
+    for k in range(12):
+        frame = pd.DataFrame(rows)
+        runs = runs_frame(frame if k == 0 else frame.sample(frac=1.0, random_state=k))
+        means = runs.groupby("lr")["val_acc_given"].mean()
+        plain_ties.append(means[0.002] == means[0.02])
+        choices, chosen = compare.select_lr(runs)
+        assert set(chosen["lr"]) == {0.002}
+    assert not all(plain_ties)  # the trap is real: a plain mean breaks the tie in some order

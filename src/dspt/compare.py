@@ -67,8 +67,11 @@ def select_lr(runs: pd.DataFrame, on: str = "noisy") -> tuple[pd.DataFrame, pd.D
         raise DataError(f"--select-on '{on}' unknown; choose one of: {', '.join(VALIDATION)}")
     metric = VALIDATION[on]
     check_unique(runs)
-    per_lr = (runs.groupby(CELL + ["lr"], sort=True)
+    # Sorted first and rounded after: a mean must not depend on the order the rows came in (a sum in another
+    # order differs in its last bit), or an exact tie could break towards either rate.
+    per_lr = (runs.sort_values(CELL + ["lr", "seed"]).groupby(CELL + ["lr"], sort=True)
               .agg(val_mean=(metric, "mean"), seeds=("seed", "nunique")).reset_index())
+    per_lr["val_mean"] = per_lr["val_mean"].round(9)
     n_lrs = per_lr.groupby(CELL)["lr"].transform("nunique")
     has_val = per_lr.groupby(CELL)["val_mean"].transform(lambda v: v.notna().any())
     choosable = per_lr[(n_lrs == 1) | has_val]
