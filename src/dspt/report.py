@@ -84,7 +84,7 @@ def runs_frame(runs: pd.DataFrame) -> pd.DataFrame:
         if col not in runs.columns:
             runs[col] = default
     runs = runs[runs["run_id"].eq("") | ~runs["run_id"].duplicated(keep="last")].copy()
-    runs["weights"] = runs["weights"].fillna("?").astype(str).map(lambda w: Path(w).name if "/" in w else w)
+    runs["weights"] = runs["weights"].fillna("?").astype(str).map(lambda w: Path(w).stem if "/" in w else w)
     for col in ("dataset", "model", "noise"):
         runs[col] = runs[col].fillna("?").astype(str)
     runs["loss_options"] = runs["loss_options"].astype(object).where(runs["loss_options"].notna(), "")
