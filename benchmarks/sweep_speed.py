@@ -3,7 +3,7 @@
 Prints the wall time of each, the ratio, runs per minute, and the largest difference between the two in any
 run's final test accuracy and loss history (a batched run must equal the run trained alone).
 
-    python benchmarks/sweep_speed.py                       # one seed of the demo's grid: 5 noise rates x 2 losses x 4 lrs
+    python benchmarks/sweep_speed.py                       # one seed of the demo grid: 5 rates x 2 losses x 4 lrs
     python benchmarks/sweep_speed.py --grid my_grid.yaml   # any grid file (its lists are crossed)
     python benchmarks/sweep_speed.py --suite gpu           # 100 CoOp runs of ViT-B/16 shape, C = 100, on a GPU
 
@@ -118,7 +118,8 @@ def main() -> None:
                for s, b in zip(sequential, cfgs("batched")))
     dev = torch.cuda.get_device_name() if args.suite == "gpu" else f"{platform.processor() or platform.machine()}, " \
         f"{os.cpu_count()} cores, {args.threads} torch thread(s)"
-    print(f"grid: {args.grid or ('gpu: ViT-B-16 shape, C = 100' if args.suite == 'gpu' else 'one seed of the demo (40 runs)')}; "
+    grid = args.grid or ('gpu: ViT-B-16 shape, C = 100' if args.suite == 'gpu' else 'one seed of the demo (40 runs)')
+    print(f"grid: {grid}; "
           f"{len(specs)} runs, {args.epochs} epochs; {dev}")
     print("| mode | wall (s) | runs / min |")
     print("|---|---|---|")
