@@ -61,7 +61,7 @@ def ref_loss(name: str, z: np.ndarray, y: np.ndarray, **hp) -> np.ndarray:
         rce = -(p * log_onehot).sum(axis=1)
         return a * _ce(z, y) + b * rce
     if name == "nce_rce":
-        a, b, A = hp.get("alpha", 1.0), hp.get("beta", 1.0), hp.get("A", -4.0)
+        a, b, A = hp.get("alpha", 10.0), hp.get("beta", 0.1), hp.get("A", math.log(1e-4))
         lp = _log_softmax(z)
         nce = -lp[np.arange(len(y)), y] / -lp.sum(axis=1)
         return a * nce + b * (-A) * (1 - _py(z, y))
@@ -82,7 +82,7 @@ def ref_loss(name: str, z: np.ndarray, y: np.ndarray, **hp) -> np.ndarray:
         tau = hp.get("tau", 0.04)
         return _ce(z / (tau * np.linalg.norm(z, axis=1, keepdims=True)), y)
     if name == "logitclip":
-        tau = hp.get("tau", 1.0)
+        tau = hp.get("tau", 0.01)
         norm = np.linalg.norm(z, axis=1, keepdims=True)
         return _ce(np.where(norm > 1 / tau, z / (norm * tau), z), y)
     raise KeyError(name)
@@ -129,11 +129,11 @@ def test_defaults_exposed_as_keywords():
     assert get_loss("gce", q=0.5).q == 0.5
     sce = get_loss("sce")
     assert (sce.alpha, sce.beta, sce.A) == (0.1, 1.0, -4.0)
-    assert get_loss("nce_rce").hparams() == {"alpha": 1.0, "beta": 1.0, "A": -4.0}
+    assert get_loss("nce_rce").hparams() == {"alpha": 10.0, "beta": 0.1, "A": math.log(1e-4)}
     assert get_loss("ls").eps == 0.1
     assert get_loss("bootstrap").beta == 0.95
     assert get_loss("logitnorm").tau == 0.04
-    assert get_loss("logitclip").tau == 1.0
+    assert get_loss("logitclip").tau == 0.01
     assert get_loss("mae").scale == 1.0
     assert get_loss("dspt").hparams() == {}
     assert get_loss("NCE-RCE").name == "nce_rce"  # case and dash tolerated
@@ -303,11 +303,11 @@ HP_VARIANTS = {
     "mae": [{"scale": 2.0}],
     "gce": [{"q": 0.3}, {"q": 1.0}],
     "sce": [{"alpha": 0.5, "beta": 0.7, "A": -9.21}],
-    "nce_rce": [{"alpha": 10.0, "beta": 0.1}],
+    "nce_rce": [{"alpha": 1.0, "beta": 1.0, "A": -4.0}],
     "ls": [{"eps": 0.0}, {"eps": 0.5}],
     "bootstrap": [{"beta": 0.8}],
     "logitnorm": [{"tau": 1.0}],
-    "logitclip": [{"tau": 0.1}, {"tau": 10.0}],
+    "logitclip": [{"tau": 1.0}, {"tau": 0.1}, {"tau": 10.0}],
 }
 CASES = [(n, {}) for n in EXPECTED] + [(n, hp) for n, v in HP_VARIANTS.items() for hp in v]
 
@@ -388,3 +388,20 @@ def test_each_loss_reaches_its_minimum_on_correct_confident(name):
 def test_bad_logits_shape():
     with pytest.raises(ValueError, match=r"\[batch, classes\]"):
         get_loss("dspt")(torch.zeros(5), torch.zeros(5, dtype=torch.long))
+
+
+def test_logitclip_default_fits_clip_logits():
+    """tau 0.01 clips at norm 100: CLIP-like logits (100 x cos, cos ~0.25) are left alone at 10 classes
+    (norm ~80) and clipped to norm 100 at 100 classes (norm ~250), not flattened to norm 1."""
+    g = torch.Generator().manual_seed(0)
+    for c, clipped in ((10, False), (100, True)):
+        z = 100 * (0.25 + 0.03 * torch.randn(64, c, generator=g, dtype=torch.float64))
+        y = torch.randint(0, c, (64,), generator=g)
+        got = get_loss("logitclip").per_sample(z, y).double()
+        ce = F.cross_entropy(z, y, reduction="none")
+        if clipped:
+            at_100 = F.cross_entropy(100 * z / z.norm(dim=1, keepdim=True), y, reduction="none")
+            torch.testing.assert_close(got, at_100, rtol=1e-5, atol=1e-5)
+            assert not torch.allclose(got, ce, rtol=1e-3)
+        else:
+            torch.testing.assert_close(got, ce, rtol=1e-5, atol=1e-5)

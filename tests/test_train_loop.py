@@ -13,7 +13,8 @@ import yaml
 
 from dspt.config import RunConfig
 from dspt.rundir import CHECKPOINT, load_checkpoint, save_checkpoint
-from dspt.train import epoch_generator, grad_scaler, lr_at, needs_loss_scaling, optimizer_step, train
+from dspt.train import (epoch_generator, grad_scaler, lr_at, needs_loss_scaling, optimizer_step, resolve_lr,
+                        train)
 
 from imagefolders import make_split_folders
 
@@ -26,7 +27,28 @@ def test_lr_schedule_is_warmup_then_cosine():
     for e in range(2, 10):  # CoOp/Dassl: cosine over `epochs`, counted from the end of the warm-up
         assert lrs[e] == pytest.approx(0.5 * 0.01 * (1 + math.cos(math.pi * (e - 2) / 10)))
     assert all(a > b for a, b in zip(lrs[2:], lrs[3:]))
-    assert lr_at(RunConfig(data="x", warmup_epochs=0, epochs=4).resolved(), 0) == pytest.approx(0.002)
+    ce = RunConfig(data="x", loss="ce", warmup_epochs=0, epochs=4).resolved()
+    assert lr_at(ce, 0, resolve_lr(ce, 10)) == pytest.approx(0.002)  # CoOp's rate for CE
+
+
+def test_default_rate_takes_ces_first_step():
+    """lr none: CE gets CoOp's 0.002; another loss gets the rate whose first step (at a flat prediction) is CE's:
+    DSPT's logit gradient there is 1/C of CE's, so its rate is C times CoOp's."""
+    from dspt.losses import get_loss, matched_lr
+
+    for c in (2, 10, 100):
+        dspt = RunConfig(data="x", loss="dspt").resolved()
+        assert resolve_lr(dspt, c) == pytest.approx(0.002 * c, rel=1e-5)
+        assert resolve_lr(RunConfig(data="x", loss="dspt", lr=0.05).resolved(), c) == 0.05  # a given rate wins
+        for name in ("gce", "mae", "sce", "logitnorm"):
+            z = torch.full((1, c), 20.0, dtype=torch.float64, requires_grad=True)
+            y = torch.zeros(1, dtype=torch.long)
+            norms = {}
+            for loss in ("ce", name):
+                (g,) = torch.autograd.grad(get_loss(loss).per_sample(z.float(), y).sum(), z)
+                norms[loss] = float(g.norm())
+            step = matched_lr(name, c) * norms[name]
+            assert step == pytest.approx(0.002 * norms["ce"], rel=1e-4)
 
 
 def test_each_epoch_draws_its_own_order_and_views_reproducibly():

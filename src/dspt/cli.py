@@ -16,16 +16,19 @@ from .errors import ConfigError, DsptError, TrainingError
 log = logging.getLogger("dspt")
 
 
-def _loss_opts(items: list[str]) -> dict[str, float]:
-    out = {}
+def _loss_opts(items: list[str], option: str = "--loss-opt", words: bool = False) -> dict[str, float | str]:
+    """NAME=VALUE pairs; values are numbers (a method's option may also be a word, e.g. cost=prob)."""
+    out: dict[str, float | str] = {}
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep:
-            raise ConfigError(f"--loss-opt '{item}' must look like NAME=VALUE, e.g. q=0.7")
+            raise ConfigError(f"{option} '{item}' must look like NAME=VALUE, e.g. q=0.7")
         try:
             out[key] = float(value)
         except ValueError:
-            raise ConfigError(f"--loss-opt {key}: '{value}' is not a number") from None
+            if not words:
+                raise ConfigError(f"{option} {key}: '{value}' is not a number") from None
+            out[key] = value
     return out
 
 
@@ -69,8 +72,8 @@ def add_run_options(p: argparse.ArgumentParser, defaults: RunConfig | None = Non
                    help="validation images per class: an integer, 'coop' (CoOp's min(shots, 4)) or 'all' (default)")
     g = p.add_argument_group("noise")
     g.add_argument("--noise", default=d.noise,
-                   help="noise protocol: sym, pair, symflip, pairflip (false positives), given (shipped labels); "
-                        "default sym")
+                   help="noise protocol: sym, pair, symflip, pairflip (false positives), instance (depends on "
+                        "each image's features), given (shipped labels); default sym")
     g.add_argument("--noise-rate", type=float, default=d.noise_rate, help="fraction of labels corrupted, in [0, 1)")
     g.add_argument("--fp", type=int, default=d.fp,
                    help="symflip/pairflip: false positives among the K shots of each class (rate FP/K)")
@@ -94,9 +97,13 @@ def add_run_options(p: argparse.ArgumentParser, defaults: RunConfig | None = Non
     g = p.add_argument_group("training")
     g.add_argument("--loss", default=d.loss, help="loss name (dspt, ce, mae, gce, ...; `dspt losses` lists them)")
     g.add_argument("--loss-opt", action="append", metavar="NAME=VALUE", help="loss hyperparameter, repeatable")
+    g.add_argument("--method", default=d.method, help="training method beyond the loss: plain (default), "
+                   "nlprompt, joapr, coteaching, ... (`dspt methods` lists them)")
+    g.add_argument("--method-opt", action="append", metavar="NAME=VALUE", help="method hyperparameter, repeatable")
     g.add_argument("--epochs", type=int, default=d.epochs, help="default: 200 (8-16 shots), 100 (2-4), 50 (1/all)")
     g.add_argument("--batch-size", type=int, default=d.batch_size)
-    g.add_argument("--lr", type=float, default=d.lr)
+    g.add_argument("--lr", type=float, default=d.lr, help="base learning rate (default: CoOp's 0.002 for ce; for "
+                   "other losses, CoOp's rate scaled to take CE's first step: `dspt losses` shows it)")
     g.add_argument("--momentum", type=float, default=d.momentum)
     g.add_argument("--weight-decay", type=float, default=d.weight_decay)
     g.add_argument("--warmup-epochs", type=int, default=d.warmup_epochs)
@@ -123,6 +130,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         if hasattr(args, f.name):
             values[f.name] = getattr(args, f.name)
     values["loss_options"] = _loss_opts(getattr(args, "loss_opt", None))
+    values["method_options"] = _loss_opts(getattr(args, "method_opt", None), "--method-opt", words=True)
     values["progress"] = not getattr(args, "no_progress", False)
     if values.get("checkpoint"):
         values["pretrained"] = None
@@ -174,6 +182,38 @@ def cmd_losses(args: argparse.Namespace) -> int:
     for name, cls in LOSSES.items():
         doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
         print(f"{name:12s} {doc}")
+    return 0
+
+
+#: Recipes of this research line that are a plain loss, shown by `dspt methods`.
+RECIPES = {"gce": "PTNL's recipe (Wu et al., ICCV 2023): CoOp with GCE, --loss gce (q 0.7)",
+           "ce": "CoOp (Zhou et al., IJCV 2022): --loss ce",
+           "dspt": "DSPT (Li et al., ICML 2026): --loss dspt",
+           "mae": "PromptMAE, NLPrompt's loss for its noisy part (Pan et al., CVPR 2025)"}
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from .losses import LOSSES, matched_lr
+    from .methods import METHODS
+
+    print("Methods (--method NAME, options with --method-opt NAME=VALUE; each trains with --loss as its base loss "
+          "unless it says otherwise):")
+    for name, cls in METHODS.items():
+        opts = ", ".join(f"{k}={v}" for k, v in cls.defaults().items()) or "no options"
+        summary = cls.summary or "every sample on its given label with --loss (plain prompt tuning)"
+        print(f"  {name:12s} {summary}")
+        if cls.paper:
+            print(f"  {'':12s} paper: {cls.paper}")
+        print(f"  {'':12s} options: {opts}" + (f"; {cls.learners} prompt learners" if cls.learners > 1 else ""))
+    print("\nLosses (--loss NAME, options with --loss-opt NAME=VALUE; default lr for 10 / 100 / 1000 classes):")
+    for name, cls in LOSSES.items():
+        doc = (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        defaults = cls().hparams() if hasattr(cls(), "hparams") else {}
+        lrs = " / ".join(f"{matched_lr(name, c):.3g}" for c in (10, 100, 1000))
+        print(f"  {name:12s} {doc}")
+        print(f"  {'':12s} options: {', '.join(f'{k}={v:g}' for k, v in defaults.items()) or 'none'}; lr {lrs}")
+        if name in RECIPES:
+            print(f"  {'':12s} {RECIPES[name]}")
     return 0
 
 
@@ -351,6 +391,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "zeroshot": (cmd_zeroshot, "zero-shot accuracy of a prompt template"),
     "predict": (cmd_predict, "classify images with a trained run"),
     "losses": (cmd_losses, "list the losses"),
+    "methods": (cmd_methods, "list the training methods and losses: what each does, its paper, options, default lr"),
     "models": (cmd_models, "list open_clip models and pretrained tags"),
     "sweep": (cmd_sweep, "run a grid of configurations (skips finished runs, resumes partial ones)"),
     "presets": (cmd_presets, "list the named protocol grids (dspt sweep --preset NAME), or print one as a grid file"),

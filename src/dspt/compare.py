@@ -34,15 +34,17 @@ VALIDATION = {"noisy": "val_acc_given", "clean": "val_acc"}
 CONFIDENCE = 0.95
 
 
-def method_label(loss: str, options: object) -> str:
-    """A method's name in tables: the loss, with its options when they are not the defaults."""
+def method_label(loss: str, options: object, method: str = "plain") -> str:
+    """A method's name in tables: the loss, with its options when they are not the defaults; a training method
+    other than plain prompt tuning in front (`coteaching+ce`)."""
     text = "" if options is None or (isinstance(options, float) and math.isnan(options)) else str(options)
-    if not text or text in ("{}", "nan"):
-        return str(loss)
-    import json
+    label = str(loss)
+    if text and text not in ("{}", "nan"):
+        import json
 
-    opts = json.loads(text)
-    return f"{loss}(" + ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in opts.items()) + ")"
+        opts = json.loads(text)
+        label += "(" + ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in opts.items()) + ")"
+    return label if method in ("plain", "", "nan") else f"{method}+{label}"
 
 
 def check_unique(runs: pd.DataFrame) -> None:

@@ -97,8 +97,19 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
         if not isinstance(value, dict):
             raise _type_error(name, value, "a mapping NAME: VALUE")
         _, vtype = typing.get_args(hint)
+        if set(typing.get_args(vtype)) == {float, str}:  # a number where it reads as one, else a word
+            return {str(k): _number_or_word(f"{name} {k}", v) for k, v in value.items()}
         return {str(k): _coerce(f"{name} {k}", v, vtype) for k, v in value.items()}
     raise TypeError(f"RunConfig field {name} has an unsupported type {hint}")  # a bug in this module
+
+
+def _number_or_word(name: str, value: Any) -> float | str:
+    try:
+        return _coerce(name, value, float)
+    except ConfigError:
+        if isinstance(value, str) and value.strip():
+            return value.strip()
+        raise
 
 
 def coerce_field(name: str, value: Any) -> Any:
@@ -168,9 +179,11 @@ class RunConfig:
     # optimisation (CoOp protocol defaults)
     loss: str = "dspt"
     loss_options: dict[str, float] = field(default_factory=dict)
+    method: str = "plain"  # what a step does beyond the loss: plain, or a method of `dspt methods`
+    method_options: dict[str, float | str] = field(default_factory=dict)
     epochs: int | None = None  # None: protocol_epochs(shots)
     batch_size: int = 32
-    lr: float = 0.002
+    lr: float | None = None  # None: CoOp's 0.002 for CE, matched to CE's first step for other losses
     momentum: float = 0.9
     weight_decay: float = 5e-4
     warmup_epochs: int = 1
@@ -196,6 +209,7 @@ class RunConfig:
         """Types coerced, defaults filled in and every option checked; raises ConfigError with the fix."""
         cfg = self.coerced()
         cfg.loss_options = dict(cfg.loss_options)
+        cfg.method_options = dict(cfg.method_options)
         if cfg.epochs is None:
             cfg.epochs = protocol_epochs(cfg.shots)
         if cfg.val_shots == "coop":
@@ -229,7 +243,9 @@ class RunConfig:
         weights = Path(self.checkpoint).stem if self.checkpoint else (self.pretrained or "random")
         name = (f"{Path(self.data or self.dataset).name}-{self.model}-{weights}-{self.noise}{rate}-{self.loss}-"
                 f"k{self.shots}-s{self.seed}")
-        if self.lr != RunConfig.lr:
+        if self.method != RunConfig.method:
+            name += f"-{self.method}"
+        if self.lr is not None:
             name += f"-lr{self.lr:g}"
         if self.epochs != protocol_epochs(self.shots):
             name += f"-e{self.epochs}"
@@ -293,6 +309,9 @@ class RunConfig:
             get_loss(self.loss, **self.loss_options)
         except (ValueError, TypeError) as exc:
             raise ConfigError(str(exc)) from None
+        from .methods import check_method
+
+        check_method(self.method, self.method_options)
         if self.class_token_position not in POSITIONS:
             raise ConfigError(f"class token position '{self.class_token_position}' unknown; "
                               f"choose one of: {', '.join(POSITIONS)}")
@@ -303,7 +322,7 @@ class RunConfig:
         if self.template is not None and "{}" not in self.template:
             raise ConfigError(f"template '{self.template}' has no '{{}}' for the class name")
         checks = [("shots", self.shots >= 0, ">= 0"), ("epochs", self.epochs >= 1, ">= 1"),
-                  ("batch_size", self.batch_size >= 1, ">= 1"), ("lr", self.lr > 0, "> 0"),
+                  ("batch_size", self.batch_size >= 1, ">= 1"), ("lr", self.lr is None or self.lr > 0, "> 0"),
                   ("views", self.views >= 0, ">= 0"), ("n_ctx", self.n_ctx >= 1, ">= 1"),
                   ("warmup_epochs", self.warmup_epochs >= 0, ">= 0"),
                   ("warmup_lr", self.warmup_lr > 0, "> 0"), ("split_seed", self.split_seed >= 0, ">= 0"),

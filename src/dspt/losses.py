@@ -200,7 +200,12 @@ def _rce(z: torch.Tensor, y: torch.Tensor, A: float) -> torch.Tensor:
 class SCE(ClassificationLoss):
     """Symmetric CE (Wang et al. 2019): ``alpha * CE + beta * RCE``; RCE is bounded (log 0 := A).
 
-    The paper sets A = -4; the reference code's clamp at 1e-4 gives A = ln 1e-4 = -9.21.
+    Defaults: the paper's CIFAR-10 setting, alpha 0.1, beta 1 (also Active-Passive-Losses'
+    ``configs/cifar10/sym/sce.yaml``), and its A = -4 (the reference code's clamp at 1e-4 gives
+    A = ln 1e-4 = -9.21). Its CIFAR-100 setting is alpha 6, beta 0.1 (``configs/cifar100/sym/sce.yaml``).
+    Kept for CLIP: the CE term's gradient ``p - e_y`` does not shrink with the number of classes or the
+    logit scale, so the balance of the terms, ``alpha / (beta |A| p_y)``, is the same for CLIP's logits as
+    for a CNN's at the same p_y (unlike NCE's in ``nce_rce``).
     """
 
     def __init__(self, alpha: float = 0.1, beta: float = 1.0, A: float = -4.0):
@@ -218,9 +223,20 @@ class NCERCE(ClassificationLoss):
     """NCE+RCE (Ma et al. 2020, Active-Passive Losses): normalised CE (active) + reverse CE (passive).
 
     NCE = -log p_y / sum_k -log p_k is bounded in [0, 1]; RCE as in ``sce`` with log 0 := A.
+
+    Defaults: the paper's many-class setting, alpha 10, beta 0.1 (its CIFAR-100 runs: the repository's
+    README example and ``configs/cifar100/*/nce+rce.yaml``; CIFAR-10 used 1, 1), with A = ln 1e-4 = -9.21,
+    the value its code uses (one-hot clamped at 1e-4 in ``ReverseCrossEntropy``), so alpha and beta weigh
+    the terms as they did there. CoOp's benchmarks have 10 to 1000 classes (most about 100), and prompt
+    tuning starts from CLIP's confident zero-shot prediction: where -log p_y is small, NCE's gradient is
+    ``(p - e_y) / sum_k -log p_k`` and RCE's ``|A| p_y (p - e_y)``, a ratio of 1 / (|A| p_y sum_k -log p_k):
+    about 0.03 for a network at init on CIFAR-100 (p_y ~ 1/C, sum ~ C ln C), but about 1e-4 for CLIP's
+    scale-100 logits on a correctly predicted image at C = 100 (p_y ~ 1, sum ~ 8 C). With alpha = beta = 1
+    the active term vanishes and the loss is RCE (MAE) alone, the underfitting the paper raises alpha for;
+    (10, 0.1) gives NCE 100 times the share at the same A.
     """
 
-    def __init__(self, alpha: float = 1.0, beta: float = 1.0, A: float = -4.0):
+    def __init__(self, alpha: float = 10.0, beta: float = 0.1, A: float = math.log(1e-4)):
         super().__init__()
         self.alpha = _check("nce_rce", "alpha", alpha, 0.0, math.inf, False, True)
         self.beta = _check("nce_rce", "beta", beta, 0.0, math.inf, False, True)
@@ -280,10 +296,25 @@ class LogitNorm(ClassificationLoss):
 class LogitClip(ClassificationLoss):
     """LogitClip (Wei et al. 2023): CE on logits whose L2 norm is clipped to ``1/tau``.
 
-    Bounding the logit norm bounds CE, which limits memorisation of noisy labels.
+    Bounding the logit norm bounds CE, which limits memorisation of noisy labels. Here the norm is
+    clamped at 1/tau, ``z * min(1, 1/(tau ||z||))`` (the paper's "clamps the norm of the logit vector");
+    the official code (``algorithms/clip.py``) rescales to norm 1/tau where ||z|| > tau, the same at
+    tau = 1.
+
+    Default tau = 0.01 (clip at norm 100), not the code's CIFAR default 1 (``--temp 1.0``; its README runs
+    1.5). In the official runs the clip (norm 1/tau <= 1) sits far below the norm of a trained WRN's
+    logits, so it is active on every sample and bounds the loss. CLIP's logits are
+    100 x cos, with cos 0.2-0.3 for every class, so ||z|| ~ 25 sqrt(C) (about 80 at C = 10, 250 at 100,
+    800 at 1000), most of it the common level that the softmax ignores. tau = 1 scales them by 1/||z||
+    (0.004 at C = 100): a 5-logit gap becomes 0.02, the clipped prediction is uniform (p_y = 1/C to 1e-3)
+    whatever the prompt, and the loss degenerates to a linear one. tau = 0.01 = 1/CLIP's logit scale
+    (the norm of one perfect match, cos 1, with the others 0) leaves the logits unclipped up to about 16
+    classes (EuroSAT: CE) and clips every sample above: at C = 100 it scales them by ~0.4, taking a
+    zero-shot-like 5-logit margin from p_y 0.98 to 0.42 while a 20-logit margin still reaches 0.996; at
+    C = 1000 by ~0.13 (a 20-logit margin reaches only p_y ~0.04: tune tau on validation there).
     """
 
-    def __init__(self, tau: float = 1.0):
+    def __init__(self, tau: float = 0.01):
         super().__init__()
         self.tau = _check("logitclip", "tau", tau, 0.0, math.inf, True, True)
 
@@ -291,3 +322,31 @@ class LogitClip(ClassificationLoss):
         norm = torch.linalg.vector_norm(z, dim=-1, keepdim=True) + _EPS
         factor = torch.clamp(1.0 / (self.tau * norm), max=1.0)
         return F.cross_entropy(z * factor, y, reduction="none")
+
+
+#: CoOp's learning rate for cross-entropy: the reference every default rate is matched to.
+COOP_LR = 0.002
+
+
+def matched_lr(name: str, num_classes: int, **hparams: float) -> float:
+    """The default learning rate of loss `name` for `num_classes` classes: CoOp's CE rate scaled by
+    ||dCE/dz|| / ||dL/dz|| at a flat prediction (all logits equal), so that every loss starts with the step
+    CE starts with. A bounded loss such as DSPT has a gradient C times smaller there (C classes), so sharing
+    CE's rate would compare a method that barely moves with one that does. Matching the first step is a rule,
+    not a tuned value: choose rates on validation data (`dspt report --select lr`) for a comparison."""
+    if num_classes < 2:
+        return COOP_LR
+    # every logit 20 (CLIP's 100 x a typical image-text cosine of 0.2): a flat prediction where a loss that
+    # normalises the logits (LogitNorm, LogitClip) is defined
+    z = torch.full((1, num_classes), 20.0, dtype=torch.float32, requires_grad=True)
+    y = torch.zeros(1, dtype=torch.long)
+
+    def grad_norm(loss: nn.Module) -> float:
+        (g,) = torch.autograd.grad(loss.per_sample(z, y).sum(), z)
+        return float(g.norm())
+
+    ce, other = grad_norm(get_loss("ce")), grad_norm(get_loss(name, **hparams))
+    if not other > 0:
+        return COOP_LR
+    return COOP_LR * ce / other
+

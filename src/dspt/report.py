@@ -88,7 +88,8 @@ def runs_frame(runs: pd.DataFrame) -> pd.DataFrame:
     for col in ("dataset", "model", "noise"):
         runs[col] = runs[col].fillna("?").astype(str)
     runs["loss_options"] = runs["loss_options"].astype(object).where(runs["loss_options"].notna(), "")
-    runs["method"] = [compare.method_label(l, o) for l, o in zip(runs["loss"], runs["loss_options"])]
+    trained = runs["method"].fillna("plain").astype(str) if "method" in runs.columns else ["plain"] * len(runs)
+    runs["method"] = [compare.method_label(l, o, m) for l, o, m in zip(runs["loss"], runs["loss_options"], trained)]
     return runs.reset_index(drop=True)
 
 
@@ -264,6 +265,19 @@ def robustness_table(rep: Report) -> Table:
     return _drop_protocol(rep, Table("Robustness: every learning rate and seed tried (test accuracy %)", header, rows))
 
 
+def details_table(rep: Report) -> Table:
+    """One row per cell: accuracy, the share of wrong training labels the tuned model predicts (memorised),
+    the chosen rate and the training seconds (of the run's batch, when runs trained together)."""
+    header = ["protocol", "dataset", "noise", "method", "test acc", "memorised", "lr", "train s"]
+    rows = [[protocol_title(tuple(x[k] for k in PROTOCOL)), x["dataset"], setting_label(x["noise"], x["noise_rate"]),
+             x["method"], cell_text(x["mean"], x["std"], int(x["n"])),
+             f"{x['memorised']:.1f}" if math.isfinite(x["memorised"]) else "-", f"{x['lr']:g}",
+             f"{x['train_seconds']:.1f}" if math.isfinite(x["train_seconds"]) else "-"]
+            for _, x in rep.stats.iterrows()]
+    return _drop_protocol(rep, Table("Per cell: test accuracy, memorised wrong labels (%), chosen rate, seconds",
+                                     header, rows))
+
+
 def missing_table(rep: Report) -> Table:
     header = ["protocol", "dataset", "noise", "method", "why"]
     rows = [[protocol_title(tuple(x[k] for k in PROTOCOL)), x["dataset"], setting_label(x["noise"], x["noise_rate"]),
@@ -337,6 +351,7 @@ def _sections(rep: Report) -> list[tuple[str, list[Table]]]:
     parts = [("Test accuracy at the chosen learning rate, mean ± std over seeds", main_tables(rep))]
     if len(rep.comparison):
         parts.append(("Paired comparison", [comparison_table(rep)]))
+    parts.append(("Per cell", [details_table(rep)]))
     parts.append(("Robustness", [robustness_table(rep)]))
     if len(rep.missing):
         parts.append(("Missing cells", [missing_table(rep)]))

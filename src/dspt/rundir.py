@@ -65,8 +65,9 @@ def result_row(cfg: RunConfig, metrics: dict[str, Any], run_dir: Path) -> dict[s
         "run_id": str(run_dir.resolve()), "dataset": Path(cfg.data).name if cfg.data else cfg.dataset,
         "model": cfg.model, "weights": cfg.checkpoint or cfg.pretrained or "random", "loss": cfg.loss,
         "loss_options": json.dumps(cfg.loss_options, sort_keys=True) if cfg.loss_options else "",
-        "noise": cfg.noise, "noise_rate": cfg.noise_rate, "realised_rate": metrics["noise"]["realised_rate"],
-        "shots": cfg.shots, "seed": cfg.seed, "epochs": cfg.epochs, "lr": cfg.lr, "path": cfg.path,
+        "method": cfg.method, "noise": cfg.noise, "noise_rate": cfg.noise_rate,
+        "realised_rate": metrics["noise"]["realised_rate"], "shots": cfg.shots, "seed": cfg.seed, "epochs": cfg.epochs,
+        "lr": metrics.get("lr", cfg.lr), "path": cfg.path,
         "val_labels": metrics.get("validation", {}).get("labels", cfg.val_labels),
         "test_acc": metrics["test_acc"], "val_acc_given": metrics.get("val_acc_given", float("nan")),
         "val_acc": metrics.get("val_acc", float("nan")), "zeroshot_acc": metrics["zeroshot_acc"],
@@ -88,13 +89,16 @@ def finished_metrics(cfg: RunConfig, run_dir: Path) -> dict[str, Any]:
 
 
 def save_checkpoint(run_dir: Path, epoch: int, ctx: torch.Tensor, momentum: torch.Tensor | None,
-                    scaler_state: dict[str, Any] | None = None) -> None:
+                    scaler_state: dict[str, Any] | None = None, extra: dict[str, torch.Tensor] | None = None) -> None:
     """The state an interrupted run resumes from: context, momentum buffer and the global RNG states.
 
     The loop draws its minibatches and views from per-epoch generators, so this is all a resume needs to
-    end with the numbers of an uninterrupted run.
+    end with the numbers of an uninterrupted run. `extra`: further tensors of a method (the contexts and
+    momentum of a second learner), saved under their names.
     """
     tensors = {"ctx": ctx.detach().cpu().contiguous(), "torch_rng": torch.get_rng_state()}
+    for name, tensor in (extra or {}).items():
+        tensors[name] = tensor.detach().cpu().contiguous()
     if momentum is not None:
         tensors["momentum"] = momentum.detach().cpu().contiguous()
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -105,8 +109,8 @@ def save_checkpoint(run_dir: Path, epoch: int, ctx: torch.Tensor, momentum: torc
 
 
 def load_checkpoint(run_dir: Path) -> dict[str, Any] | None:
-    """The checkpoint as {'epoch', 'ctx', 'momentum', 'torch_rng', 'cuda_rng', 'scaler'}, or None when there is
-    none or it is unreadable (the run then starts again from epoch 0; a warning says why)."""
+    """The checkpoint as {'epoch', 'ctx', 'momentum', 'torch_rng', 'cuda_rng', 'scaler', 'extra'}, or None when
+    there is none or it is unreadable (the run then starts again from epoch 0; a warning says why)."""
     path = run_dir / CHECKPOINT
     if not path.is_file():
         if (run_dir / "checkpoint.pt").is_file():
@@ -121,7 +125,8 @@ def load_checkpoint(run_dir: Path) -> dict[str, Any] | None:
         tensors = load_file(str(path))
         state = {"epoch": int(meta["epoch"]), "ctx": tensors["ctx"], "torch_rng": tensors["torch_rng"],
                  "momentum": tensors.get("momentum"), "cuda_rng": tensors.get("cuda_rng"),
-                 "scaler": json.loads(meta.get("scaler", "{}"))}
+                 "scaler": json.loads(meta.get("scaler", "{}")),
+                 "extra": {k: v for k, v in tensors.items() if k not in ("ctx", "torch_rng", "momentum", "cuda_rng")}}
         if meta.get("format") != str(CHECKPOINT_FORMAT):
             raise ValueError(f"format {meta.get('format')}")
     except (SafetensorError, OSError, ValueError, KeyError, json.JSONDecodeError) as exc:

@@ -35,7 +35,8 @@ from .errors import BackboneError, ConfigError, TrainingError
 from .features import cached_features
 from .io import (LockBusy, append_jsonl, atomic_write, atomic_write_json, atomic_write_text, process_lock, read_json,
                  read_jsonl)
-from .losses import get_loss
+from .losses import get_loss, matched_lr
+from .methods import EpochView, Method, get_method
 from .metrics import accuracy, logit_gradient_norms, mean_confidence, memorisation, per_class_accuracy, predict
 from .noise import NoisyLabels, make_noisy_labels
 from .numbers import round_half_up
@@ -50,16 +51,34 @@ from .seeds import stream_seeds
 log = logging.getLogger(__name__)
 
 
-def lr_at(cfg: RunConfig, epoch: int) -> float:
-    """CoOp/Dassl: `warmup_epochs` at a constant `warmup_lr`, then cosine from `lr` over `epochs`."""
+def lr_at(cfg: RunConfig, epoch: int, lr: float | None = None) -> float:
+    """CoOp/Dassl: `warmup_epochs` at a constant `warmup_lr`, then cosine from the base rate `lr` (default: the
+    config's) over `epochs`."""
+    base = cfg.lr if lr is None else lr
     if epoch < cfg.warmup_epochs:
         return cfg.warmup_lr
-    return 0.5 * cfg.lr * (1.0 + math.cos(math.pi * (epoch - cfg.warmup_epochs) / cfg.epochs))
+    return 0.5 * base * (1.0 + math.cos(math.pi * (epoch - cfg.warmup_epochs) / cfg.epochs))
+
+
+def resolve_lr(cfg: RunConfig, num_classes: int) -> float:
+    """The config's learning rate, or (lr none) the loss's default for this many classes: CoOp's 0.002 scaled
+    so the first step is as large as CE's (`dspt.losses.matched_lr`)."""
+    return float(cfg.lr) if cfg.lr is not None else matched_lr(cfg.loss, num_classes, **cfg.loss_options)
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     """The epoch's own generator (minibatch order and view choice), so a resumed run redraws nothing."""
     return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, epoch, 7]).generate_state(1)[0]))
+
+
+def method_generator(seed: int, epoch: int) -> torch.Generator:
+    """The epoch's generator for a method's own draws (mixup, a mixture fit), apart from the loop's."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, epoch, 11]).generate_state(1)[0]))
+
+
+def learner_seed(init_seed: int, j: int) -> int:
+    """Init seed of a method's learner j >= 1 (learner 0 has the run's own init seed)."""
+    return int(np.random.SeedSequence([init_seed, j]).generate_state(1)[0])
 
 
 def versions(device: torch.device) -> dict[str, str]:
@@ -119,7 +138,7 @@ def load_splits(cfg: RunConfig) -> DataSplits:
                      cache_dir=cfg.cache_dir, download=cfg.download)
 
 
-def validation_labels(cfg: RunConfig, val: ImageDataset, seeds: dict[str, int]
+def validation_labels(cfg: RunConfig, val: ImageDataset, seeds: dict[str, int], encode: Any = None
                       ) -> tuple[ImageDataset, NoisyLabels, dict[str, Any]]:
     """The validation images and the labels a choice made on them sees.
 
@@ -128,7 +147,9 @@ def validation_labels(cfg: RunConfig, val: ImageDataset, seeds: dict[str, int]
     K images per class the same way (K = `val_shots`, else the training K, at most half the smallest
     validation class so that enough images are left to be false positives; clean, and said so, where the
     split is too small); `given` uses the labels the data ships for its validation images (clean, and said
-    so, where it ships none). `val_labels="clean"` keeps the true labels. `val_shots` keeps K images per class
+    so, where it ships none); `instance` draws them from the validation images' features, `encode(val)` (their
+    un-augmented view 0), with the training draw's projection W, i.e. the same annotator (clean, and said so,
+    without `encode`). `val_labels="clean"` keeps the true labels. `val_shots` keeps K images per class
     (CoOp's validation subset is min(K, 4)).
     """
     info: dict[str, Any] = {"labels": cfg.val_labels, "shots": cfg.val_shots, "protocol": "none"}
@@ -155,6 +176,10 @@ def validation_labels(cfg: RunConfig, val: ImageDataset, seeds: dict[str, int]
     if noisy and cfg.noise in ("sym", "pair"):
         labels = make_noisy_labels(val.labels, c, cfg.noise, cfg.noise_rate, seeds["val_noise"])
         info["protocol"] = cfg.noise
+    elif noisy and cfg.noise == "instance" and encode is not None:
+        labels = make_noisy_labels(val.labels, c, "instance", cfg.noise_rate, seeds["val_noise"],
+                                   features=encode(val), projection_seed=seeds["noise"])
+        info["protocol"] = "instance"
     elif noisy and cfg.noise == "given" and val.noisy_labels is not None:
         labels = make_noisy_labels(val.labels, c, "given", 0.0, seeds["val_noise"], given=val.noisy_labels)
         info["protocol"] = "given"
@@ -180,8 +205,22 @@ def prepare(cfg: RunConfig, run_dir: Path | None = None, backbone: Backbone | No
                           noise_file=cfg.noise_file, label_set=cfg.label_set, cache_dir=cfg.cache_dir,
                           skip_bad=cfg.skip_bad_images)
     train, idx = sel.train, sel.indices
+    options: dict[str, Any] = {} if sel.given is None else {"given": sel.given}
+    views, tr, encode_val = (cfg.views if cfg.path == "fast" else 0), None, None
+    if cfg.noise == "instance":  # the noise depends on the images: encode them before drawing the labels
+        if backbone is None:
+            backbone = load_backbone(cfg.model, cfg.pretrained, cfg.checkpoint, cfg.device, cfg.precision)
+        check_prompt_tunable(backbone)  # before any image is encoded
+        backbone.crop_scale, backbone.hflip = cfg.crop_scale, cfg.hflip
+        t0 = time.perf_counter()
+        tr = cached_features(backbone, train, "train", views, seeds["views"], cfg.cache_dir, workers=cfg.workers)
+        options["features"] = tr.features[0]  # view 0: un-augmented, normalised
+
+        def encode_val(ds: ImageDataset) -> torch.Tensor:  # the chosen validation images' view 0
+            return cached_features(backbone, ds, "val", 0, seeds["views"], cfg.cache_dir,
+                                   workers=cfg.workers).features[0]
     labels = make_noisy_labels(train.labels, train.num_classes, cfg.noise, cfg.noise_rate, seeds["noise"],
-                               **({} if sel.given is None else {"given": sel.given}))
+                               **options)
     if sel.info.get("clean_labels_known") is False:
         log.warning("%s ships no clean labels: the realised noise rate cannot be measured (reported as 0)%s",
                     train.name, f"; its verified subset has {sel.info['verified_noise_rate']:.1%} wrong labels"
@@ -190,7 +229,7 @@ def prepare(cfg: RunConfig, run_dir: Path | None = None, backbone: Backbone | No
     if splits.val is not None and len(splits.val):
         # Hyperparameters are chosen on validation data, never on test.
         val, bad_val = _drop_bad(splits.val, cfg.skip_bad_images, "validation")
-        val, val_labels, val_info = validation_labels(cfg, val, seeds)
+        val, val_labels, val_info = validation_labels(cfg, val, seeds, encode_val)
         val_info.update(n=len(val), realised_rate=val_labels.realised_rate)
     skipped = {"test": bad_test, "val": bad_val}  # the training draw's are in sel.info
     if run_dir is not None:
@@ -209,9 +248,9 @@ def prepare(cfg: RunConfig, run_dir: Path | None = None, backbone: Backbone | No
         backbone = load_backbone(cfg.model, cfg.pretrained, cfg.checkpoint, cfg.device, cfg.precision)
     check_prompt_tunable(backbone)  # before any image is encoded
     backbone.crop_scale, backbone.hflip = cfg.crop_scale, cfg.hflip
-    views = cfg.views if cfg.path == "fast" else 0
-    t0 = time.perf_counter()
-    tr = cached_features(backbone, train, "train", views, seeds["views"], cfg.cache_dir, workers=cfg.workers)
+    if tr is None:  # (instance noise encoded the training images above)
+        t0 = time.perf_counter()
+        tr = cached_features(backbone, train, "train", views, seeds["views"], cfg.cache_dir, workers=cfg.workers)
     te = cached_features(backbone, test, "test", 0, seeds["views"], cfg.cache_dir, workers=cfg.workers)
     cache = {"train_hit": tr.hit, "test_hit": te.hit, "seconds": time.perf_counter() - t0,
              "train_file": str(tr.path), "test_file": str(te.path),
@@ -348,6 +387,9 @@ class _Run:
     last_test_acc: float = float("nan")
     gen: torch.Generator | None = None  # this epoch's generator (the reference path draws its crops from it)
     error: BaseException | None = None
+    method: Method | None = None
+    learners: list[PromptLearner] = field(default_factory=list)  # learner 0 is `learner`, the run's prompt
+    lr: float = 0.0  # the base learning rate (the config's, or the loss's default)
 
 
 def train_batch(cfgs: list[RunConfig]) -> list[tuple[str, Any]]:
@@ -491,6 +533,11 @@ def _setup(run: _Run, shared: dict[str, Any]) -> None:
     if run.learner.n_ctx != cfg.n_ctx:  # the config is resolved with the model's tokenizer: they must agree
         raise TrainingError(f"the prompt has {run.learner.n_ctx} context vectors but the config says {cfg.n_ctx}; "
                             "please report this as a dspt bug")
+    run.method = get_method(cfg.method, run.loss_fn, p.train.num_classes, len(p.train), **cfg.method_options)
+    run.learners = [run.learner] + [
+        PromptLearner(p.backbone, p.train.classnames, cfg.n_ctx, cfg.ctx_init, cfg.csc, cfg.class_token_position,
+                      seed=learner_seed(p.seeds["init"], j)) for j in range(1, run.method.learners)]
+    run.lr = resolve_lr(cfg, p.train.num_classes)
     atomic_write_text(run_dir / "config.yaml", cfg.dump())  # after the inputs checked out: what runs
     run.ctx0 = run.learner.ctx.detach().clone()
     with torch.no_grad():
@@ -500,9 +547,14 @@ def _setup(run: _Run, shared: dict[str, Any]) -> None:
         log.warning("checkpoint in %s does not fit this prompt (shape %s); starting from epoch 0", run_dir,
                     tuple(ckpt["ctx"].shape))
         ckpt = None
+    if ckpt is not None and any(f"ctx_{j}" not in ckpt["extra"] for j in range(1, len(run.learners))):
+        log.warning("checkpoint in %s lacks the method's other learners; starting from epoch 0", run_dir)
+        ckpt = None
     if ckpt is not None:
         with torch.no_grad():
             run.learner.ctx.copy_(ckpt["ctx"].to(dev))
+            for j in range(1, len(run.learners)):
+                run.learners[j].ctx.copy_(ckpt["extra"][f"ctx_{j}"].to(dev))
         run.start = ckpt["epoch"] + 1
         log.info("resuming %s at epoch %d/%d", run_dir, run.start + 1, cfg.epochs)
     run.checkpoint, run.last_saved = ckpt, run.start - 1
@@ -512,7 +564,8 @@ def _setup(run: _Run, shared: dict[str, Any]) -> None:
         kept = [r for r in read_jsonl(log_path) if r.get("event") != "epoch" or r["epoch"] < run.start]
         atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in kept))
     append_jsonl(log_path, {"event": "start", "epoch": run.start, "cache": p.cache, "n_train": len(p.train),
-                            "classes": p.train.num_classes, "noise": p.labels.summary(), "seeds": p.seeds})
+                            "classes": p.train.num_classes, "noise": p.labels.summary(), "seeds": p.seeds,
+                            "method": cfg.method, "lr": run.lr})
 
 
 def _classifier(run: _Run) -> PromptClassifier:
@@ -526,20 +579,34 @@ ROW_CHUNK = 4096
 
 
 def _fit(batch: list[_Run]) -> None:
-    """The training loop, for a batch of runs that start at the same epoch (a single run: a batch of one)."""
+    """The training loop, for a batch of runs that start at the same epoch (a single run: a batch of one).
+
+    Each run has one prompt learner, or more for a method that trains several (co-teaching): every learner is
+    a slot of the batched model, with the run's learning rate, and the run's method turns the slots' logits
+    into the run's loss."""
     p0, cfg0 = batch[0].p, batch[0].cfg
-    dev, n, r = p0.backbone.device, len(p0.train), len(batch)
+    dev, n = p0.backbone.device, len(p0.train)
+    slots: list[list[int]] = []
+    for run in batch:
+        first = sum(len(x) for x in slots)
+        slots.append(list(range(first, first + len(run.learners))))
+    learners = [learner for run in batch for learner in run.learners]
+    r = len(learners)
     fast = cfg0.path == "fast"
-    model = PromptBatch(p0.backbone, [run.learner for run in batch], truncate=fast, share_prefix=fast,
+    model = PromptBatch(p0.backbone, learners, truncate=fast, share_prefix=fast,
                         mixed_precision=fast, row_chunk=ROW_CHUNK if r * p0.train.num_classes > ROW_CHUNK else None)
-    opt = RunwiseSGD(model.ctx, [run.cfg.lr for run in batch], [run.cfg.momentum for run in batch],
-                     [run.cfg.weight_decay for run in batch])
+    per_slot = [(run, j) for run in batch for j in range(len(run.learners))]
+    opt = RunwiseSGD(model.ctx, [run.lr for run, _ in per_slot], [run.cfg.momentum for run, _ in per_slot],
+                     [run.cfg.weight_decay for run, _ in per_slot])
     scaler = grad_scaler(p0.backbone)
     for k, run in enumerate(batch):
         ckpt = run.checkpoint
         if ckpt is not None:
             if ckpt["momentum"] is not None:
-                opt.load_buffer(k, ckpt["momentum"])
+                opt.load_buffer(slots[k][0], ckpt["momentum"])
+            for j, slot in enumerate(slots[k][1:], start=1):
+                if f"momentum_{j}" in ckpt["extra"]:
+                    opt.load_buffer(slot, ckpt["extra"][f"momentum_{j}"])
             torch.set_rng_state(ckpt["torch_rng"])
             if ckpt["cuda_rng"] is not None and dev.type == "cuda":
                 torch.cuda.set_rng_state_all(list(ckpt["cuda_rng"]))
@@ -553,18 +620,35 @@ def _fit(batch: list[_Run]) -> None:
     steps = n // batch_size if drop_last else 1
     start, epochs = batch[0].start, cfg0.epochs
     t_train = time.perf_counter()
-    label = f"{cfg0.loss} {cfg0.noise}{cfg0.noise_rate:g}" if r == 1 else f"{r} runs"
+    label = f"{cfg0.loss} {cfg0.noise}{cfg0.noise_rate:g}" if len(batch) == 1 else f"{len(batch)} runs"
     bar = tqdm(range(start, epochs), desc=label, disable=not cfg0.progress, initial=start, total=epochs, leave=False)
+    plain = [type(run.method) is Method for run in batch]
+
+    def deactivate(k: int) -> None:
+        for slot in slots[k]:
+            opt.active[slot] = False
+
     for epoch in bar:
         t_epoch = time.perf_counter()
-        opt.set_lr([lr_at(run.cfg, epoch) for run in batch])
-        order, view = [], []
+        opt.set_lr([lr_at(run.cfg, epoch, run.lr) for run, _ in per_slot])
+        order, view, mgen = [], [], []
         for k, run in enumerate(batch):
             gen = epoch_generator(run.p.seeds["epochs"], epoch)
             order.append(torch.randperm(n, generator=gen))
             view.append(torch.randint(1, views[k] + 1, (n,), generator=gen) if views[k] > 0
                         else torch.zeros(n, dtype=torch.long))
             run.gen = gen
+            mgen.append(method_generator(run.p.seeds["epochs"], epoch))
+        if not all(plain):
+            with torch.no_grad():
+                text = model.text_features()
+            for k, run in enumerate(batch):
+                if not plain[k] and run.error is None:
+                    try:
+                        run.method.begin_epoch(_epoch_view(run, epoch, text[slots[k]], given[k], mgen[k]))
+                    except Exception as exc:  # noqa: BLE001 - a method that fails stops its own run
+                        _fail(run, exc)
+                        deactivate(k)
         losses: list[list[float]] = [[] for _ in batch]
         for s in range(steps):
             idx = [o[s * batch_size:(s + 1) * batch_size] if drop_last else o for o in order]
@@ -573,16 +657,25 @@ def _fit(batch: list[_Run]) -> None:
             else:
                 feats = torch.stack([run.p.train_feats[view[k][idx[k]].to(dev), idx[k].to(dev)]
                                      for k, run in enumerate(batch)])
+            if not all(plain):
+                feats = torch.stack([feats[k] if plain[k] else run.method.inputs(feats[k], idx[k], mgen[k])
+                                     for k, run in enumerate(batch)])
+            if r != len(batch):
+                feats = feats[torch.tensor([k for k, run in enumerate(batch) for _ in run.learners], device=dev)]
             logits = model.logits(feats)
             total = None
             for k, run in enumerate(batch):
                 if run.error is not None:
                     continue
-                loss = run.loss_fn(logits[k], given[k, idx[k].to(dev)])
+                y = given[k, idx[k].to(dev)]
+                if plain[k]:
+                    loss = run.loss_fn(logits[slots[k][0]], y)
+                else:
+                    loss = run.method.loss(logits[slots[k][0]:slots[k][-1] + 1], idx[k].to(dev), y)
                 if not torch.isfinite(loss):
                     _fail(run, _diverged(f"non-finite loss ({loss.item()}) at epoch {epoch + 1} step {s + 1}",
                                          run.cfg, run.run_dir, run.last_saved))
-                    opt.active[k] = False
+                    deactivate(k)
                     continue
                 losses[k].append(loss.item())
                 total = loss if total is None else total + loss  # a sum of per-run means: no cross-talk
@@ -595,15 +688,19 @@ def _fit(batch: list[_Run]) -> None:
             if run.error is not None:
                 continue
             try:
-                _end_epoch(run, epoch, model.ctx[k], opt.buffer[k], text[k], losses[k], scaler, t_epoch)
+                extra = {}
+                for j, slot in enumerate(slots[k][1:], start=1):
+                    extra[f"ctx_{j}"], extra[f"momentum_{j}"] = model.ctx[slot], opt.buffer[slot]
+                _end_epoch(run, epoch, model.ctx[slots[k][0]], opt.buffer[slots[k][0]], text[slots[k][0]],
+                           losses[k], scaler, t_epoch, extra)
             except BaseException as exc:  # noqa: BLE001 - a run whose bookkeeping fails stops alone
                 _fail(run, exc)
             if run.error is not None:
-                opt.active[k] = False
+                deactivate(k)
         alive = [run for run in batch if run.error is None]
         if not alive:
             break
-        if r == 1:
+        if len(batch) == 1:
             bar.set_postfix(loss=f"{np.mean(losses[0]):.4f}", test=f"{batch[0].last_test_acc:.1f}")
     bar.close()
     train_seconds = time.perf_counter() - t_train
@@ -612,22 +709,35 @@ def _fit(batch: list[_Run]) -> None:
             continue
         try:
             with torch.no_grad():
-                run.learner.ctx.copy_(model.ctx[k])
+                for j, slot in enumerate(slots[k]):
+                    run.learners[j].ctx.copy_(model.ctx[slot])
             _finish(run, train_seconds)
         except BaseException as exc:  # noqa: BLE001
             _fail(run, exc)
 
 
+def _epoch_view(run: _Run, epoch: int, text: torch.Tensor, given: torch.Tensor, gen: torch.Generator) -> EpochView:
+    """What the run's method may look at as the epoch begins: every learner's logits of view 0."""
+    p = run.p
+    feats = p.train_feats[0]
+    logits = p.backbone.logit_scale * torch.einsum("ne,lce->lnc", feats.float(), text.float())
+    return EpochView(epoch=epoch, epochs=run.cfg.epochs, logits=logits, image_features=feats, text_features=text,
+                     given=given, logit_scale=float(p.backbone.logit_scale), gen=gen, is_noisy=p.labels.is_noisy)
+
+
 def _end_epoch(run: _Run, epoch: int, ctx: torch.Tensor, momentum: torch.Tensor, text: torch.Tensor,
-               losses: list[float], scaler: torch.amp.GradScaler, t_epoch: float) -> None:
+               losses: list[float], scaler: torch.amp.GradScaler, t_epoch: float,
+               extra: dict[str, torch.Tensor] | None = None) -> None:
     """Log the epoch and save the run's checkpoint (or fail the run if its context is no longer finite)."""
     if not torch.isfinite(ctx).all():
         raise _diverged(f"non-finite prompt parameters after epoch {epoch + 1}", run.cfg, run.run_dir, run.last_saved)
-    record = {"event": "epoch", "epoch": epoch, "lr": lr_at(run.cfg, epoch), "loss": float(np.mean(losses)),
+    record = {"event": "epoch", "epoch": epoch, "lr": lr_at(run.cfg, epoch, run.lr), "loss": float(np.mean(losses)),
               "seconds": time.perf_counter() - t_epoch}
     record.update(_epoch_diagnostics(run.p, text, run.loss_fn))
+    if type(run.method) is not Method:
+        record.update({f"method_{k}": v for k, v in run.method.epoch_log().items()})
     append_jsonl(run.run_dir / "log.jsonl", record)
-    save_checkpoint(run.run_dir, epoch, ctx, momentum, scaler.state_dict() if scaler.is_enabled() else None)
+    save_checkpoint(run.run_dir, epoch, ctx, momentum, scaler.state_dict() if scaler.is_enabled() else None, extra)
     run.last_saved, run.last_test_acc = epoch, record["test_acc"]
 
 
@@ -637,6 +747,7 @@ def _finish(run: _Run, train_seconds: float) -> None:
     log_path = run_dir / "log.jsonl"
     metrics = evaluate(p, _classifier(run), run.zs_pred, run.ctx0, run.init_cos)
     metrics["seconds"] = {"cache": p.cache["seconds"], "train": train_seconds}
+    metrics["lr"], metrics["method"] = run.lr, cfg.method  # the base rate used (the loss's default when lr none)
     metrics["cache_hit"] = {"train": p.cache["train_hit"], "test": p.cache["test_hit"]}
     epochs_log = [r for r in read_jsonl(log_path) if r.get("event") == "epoch"]
     metrics["final_loss"] = epochs_log[-1]["loss"] if epochs_log else float("nan")
