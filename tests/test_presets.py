@@ -16,6 +16,7 @@ from conftest import write_jpeg
 
 from dspt.errors import ConfigError
 from dspt.losses import LOSSES, loss_names
+from dspt.methods import method_names
 from dspt.presets import PRESETS, count_runs, get_preset, parse_overrides, preset_spec
 from dspt.sweep import expand, list_cells
 
@@ -32,9 +33,10 @@ def expected(name: str) -> dict:
         settings = ({(d, n, "fp", fp) for d in COOP_10 for n in ("symflip", "pairflip") for fp in FPS}
                     | {(d, n, "rate", fp / 16) for d in COOP_10 for n in ("sym", "pair") for fp in FPS}
                     | {("food101n", "given", None, None)})
-        return dict(model=model, epochs=200, settings=settings, losses=set(loss_names()), seeds={1, 2, 3})
+        runs = {("plain", loss) for loss in loss_names()} | {(m, "ce") for m in method_names() if m != "plain"}
+        return dict(model=model, epochs=200, settings=settings, runs=runs, seeds={1, 2, 3})
     settings = {(d, "symflip", "fp", fp) for d in PTNL_DATASETS for fp in (0, 2, 4, 8)}
-    return dict(model=model, epochs=50, settings=settings, losses={"ce", "gce"}, seeds={1, 2, 3})
+    return dict(model=model, epochs=50, settings=settings, runs={("plain", "ce"), ("plain", "gce")}, seeds={1, 2, 3})
 
 
 def setting(cfg) -> tuple:
@@ -59,12 +61,13 @@ def test_every_preset_expands_to_its_formula_with_valid_configs(name, tmp_path, 
     want = expected(name)
     spec = preset_spec(name, root=str(tmp_path / "not-there"))  # no data on disk: expand must not need any
     cells = expand(spec)
-    n = len(want["settings"]) * len(want["losses"]) * len(want["seeds"])
+    n = len(want["settings"]) * len(want["runs"]) * len(want["seeds"])
     assert len(cells) == n == count_runs(spec)
     assert len({c.name for c in cells}) == n
     got = {setting(c.config) for c in cells}
     assert got == want["settings"]
-    assert {c.config.loss for c in cells} == want["losses"] and {c.config.seed for c in cells} == want["seeds"]
+    assert {(c.config.method, c.config.loss) for c in cells} == want["runs"]
+    assert {c.config.seed for c in cells} == want["seeds"]
     for cell in cells:
         cfg = cell.config
         assert (cfg.model, cfg.pretrained, cfg.shots, cfg.epochs) == (want["model"], "openai", 16, want["epochs"])
@@ -74,6 +77,7 @@ def test_every_preset_expands_to_its_formula_with_valid_configs(name, tmp_path, 
             assert cfg.noise_rate == cfg.fp / 16
         assert cell.name.startswith(f"dataset={cfg.dataset},noise={cfg.noise}")
         assert cell.name.endswith(f"loss={cfg.loss},seed={cfg.seed}")
+        assert ("method=" in cell.name) == name.startswith("joapr")
         assert Path(cfg.output).parent == Path("sweeps") / name
     assert not (tmp_path / "not-there").exists()
 
@@ -82,15 +86,17 @@ def test_joapr_runs_every_loss_registered_when_it_is_expanded(monkeypatch):
     before = count_runs(preset_spec("joapr"))
     monkeypatch.setitem(LOSSES, "late_loss", LOSSES["ce"])  # as a loss added after the preset was written
     spec = preset_spec("joapr")
-    assert spec["loss"][-1] == "late_loss" and spec["loss"] == loss_names()
-    assert count_runs(spec) == before // (len(LOSSES) - 1) * len(LOSSES)
+    plain = [e for e in spec["grids"] if e["method"] == ["plain"]]
+    assert all(e["loss"] == loss_names() and e["loss"][-1] == "late_loss" for e in plain)
+    per_setting = (len(LOSSES) - 1) + len(method_names()) - 1
+    assert count_runs(spec) == before // per_setting * (per_setting + 1)
 
 
 def test_food101n_is_one_setting_with_its_own_labels(tmp_path):
     cells = expand(preset_spec("joapr", datasets=["food101n"], root=str(tmp_path)))
-    assert len(cells) == len(loss_names()) * 3
+    assert len(cells) == (len(loss_names()) + len(method_names()) - 1) * 3
     assert {(c.config.noise, c.config.noise_rate, c.config.fp) for c in cells} == {("given", 0.0, None)}
-    assert cells[0].name == "dataset=food101n,noise=given,loss=ce,seed=1"
+    assert cells[0].name == "dataset=food101n,noise=given,method=plain,loss=ce,seed=1"
 
 
 # ---------------------------------------------------------------------------------- narrowing a preset
@@ -111,19 +117,21 @@ def test_set_overrides_every_cell_and_selects_noise_settings(tmp_path):
     root = str(tmp_path)
     full = set(names(preset_spec("joapr", datasets=["dtd"], root=root)))
     spec = preset_spec("joapr", datasets=["dtd"], root=root,
-                       overrides=parse_overrides(["seed=1", "epochs=2", "loss=ce,dspt", "noise=symflip", "fp=2"]))
+                       overrides=parse_overrides(["seed=1", "epochs=2", "loss=ce,dspt", "noise=symflip", "fp=2",
+                                                  "method=plain"]))
     cells = expand(spec)
-    assert [c.name for c in cells] == ["dataset=dtd,noise=symflip,fp=2,loss=ce,seed=1",
-                                      "dataset=dtd,noise=symflip,fp=2,loss=dspt,seed=1"]
+    assert [c.name for c in cells] == ["dataset=dtd,noise=symflip,fp=2,method=plain,loss=ce,seed=1",
+                                      "dataset=dtd,noise=symflip,fp=2,method=plain,loss=dspt,seed=1"]
     assert {c.name for c in cells} <= full, "a slice runs into the full preset's folders"
     assert all(c.config.epochs == 2 for c in cells)
 
     # noise=sym keeps the sym settings only (the symflip/pairflip and given entries list no 'sym')
     sym = expand(preset_spec("joapr", datasets=["dtd", "food101n"], root=root,
-                             overrides={"noise": "sym", "seed": "1", "loss": "ce"}))
+                             overrides={"noise": "sym", "seed": "1", "loss": "ce", "method": "plain"}))
     assert {setting(c.config) for c in sym} == {("dtd", "sym", "rate", fp / 16) for fp in FPS}
     # a value no entry lists replaces the lists where the option is crossed, and only there
-    fp3 = expand(preset_spec("joapr", datasets=["dtd"], root=root, overrides={"fp": "3", "seed": "1", "loss": "ce"}))
+    fp3 = expand(preset_spec("joapr", datasets=["dtd"], root=root,
+                             overrides={"fp": "3", "seed": "1", "loss": "ce", "method": "plain"}))
     assert {c.config.fp for c in fp3 if c.config.noise in ("symflip", "pairflip")} == {3}
     assert sum(c.config.noise in ("sym", "pair") for c in fp3) == 12
     # values are coerced like the command line's: 'none', 'all', numbers in text
@@ -287,10 +295,11 @@ def test_a_two_run_slice_of_a_preset_runs_end_to_end(tmp_path):
         "--cache-dir", str(tmp_path / "cache"),
         "--set", "model=dspt-tiny", "--set", "pretrained=none", "--set", "epochs=1", "--set", "seed=1",
         "--set", "loss=ce,dspt", "--set", "noise=symflip", "--set", "fp=2", "--set", "shots=4",
-        "--set", "views=1", "--set", "device=cpu"])
+        "--set", "views=1", "--set", "device=cpu", "--set", "method=plain"])
     assert code == 0, err
     assert "2 finished, 0 skipped, 0 failed" in stdout
-    runs = ["dataset=dtd,noise=symflip,fp=2,loss=ce,seed=1", "dataset=dtd,noise=symflip,fp=2,loss=dspt,seed=1"]
+    runs = ["dataset=dtd,noise=symflip,fp=2,method=plain,loss=ce,seed=1",
+            "dataset=dtd,noise=symflip,fp=2,method=plain,loss=dspt,seed=1"]
     for run in runs:
         metrics = json.loads((out / run / "metrics.json").read_text())
         assert metrics["noise"]["realised_rate"] == 0.5  # 2 false positives of 4 shots per class

@@ -199,7 +199,11 @@ def describe(name: str) -> str:
     """What `dspt presets` prints for one preset."""
     preset = get_preset(name)
     spec = preset.spec()
-    losses = _as_list(spec.get("loss", []))
+    losses = list(dict.fromkeys(_as_list(spec.get("loss", [])) + [
+        x for e in spec.get("grids", []) if "method" not in e or _as_list(e["method"]) == ["plain"]
+        for x in _as_list(e.get("loss", []))]))
+    methods = list(dict.fromkeys(m for e in spec.get("grids", []) for m in _as_list(e.get("method", []))
+                                 if m != "plain"))
     noise = []
     for entry in spec.get("grids", []):
         level = next((k for k in ("fp", "noise_rate") if k in entry), None)
@@ -208,7 +212,8 @@ def describe(name: str) -> str:
             text += f" {'FP' if level == 'fp' else 'rate'} " + ",".join(_value_text(v) for v in _as_list(entry[level]))
         ds = _as_list(entry.get("dataset", []))
         text += f" on {', '.join(ds)}" if len(ds) <= 2 else f" on {len(ds)} datasets"
-        noise.append(text)
+        if text not in noise:
+            noise.append(text)
     pretrained = spec.get("pretrained", "openai")
     rows = [
         ("models", ", ".join(f"{m} ({pretrained})" for m in _as_list(spec.get("model", "RN50")))),
@@ -218,6 +223,7 @@ def describe(name: str) -> str:
                      f"batch {spec.get('batch_size', 32)}, n_ctx {spec.get('n_ctx', 16)}, class token "
                      f"{spec.get('class_token_position', 'end')}, context init {spec.get('ctx_init') or 'random'}"),
         ("losses", ", ".join(losses)),
+        ("methods", (", ".join(methods) + " (each on CE)") if methods else "none"),
         ("seeds", ", ".join(str(s) for s in _as_list(spec.get("seed", 1)))),
         ("source", preset.source),
     ]
@@ -246,7 +252,8 @@ JOAPR_SOURCE = (
     "16 (12.5-75 %): JoAPR's table of settings; sym/pair at the same rates: NLPrompt's Sym/Asym noise. "
     "Seeds 1-3: JoAPR's main.sh. Datasets: the CoOp benchmarks without ImageNet, plus Food-101N with its own "
     "web labels (one setting: noise given). JoAPR's README also tunes ImageNet (and has no Food-101 row): to "
-    "add it, edit the grid from `dspt presets NAME`. Losses: every registered loss (`dspt losses`).")
+    "add it, edit the grid from `dspt presets NAME`. Losses: every registered loss (`dspt losses`); methods: "
+    "every registered method (`dspt methods`) on CE, the base loss of NLPrompt, JoAPR and co-teaching.")
 PTNL_SOURCE = (
     "PTNL (Wu et al., ICCV 2023, 'Why is prompt tuning for vision-language models robust to noisy labels?'; "
     "CEWu/PTNL). RN50, 50 epochs: configs/trainers/UPLTrainer/rn50_ep50.yaml (lr 0.002, batch 32, 1 warm-up "
@@ -263,14 +270,23 @@ def _every_loss() -> list[str]:
     return loss_names()
 
 
+def _every_method() -> list[str]:
+    from .methods import method_names
+
+    return [m for m in method_names() if m != "plain"]
+
+
 def joapr_spec(model: str = "RN50") -> dict[str, Any]:
-    """JoAPR / NLPrompt: symflip/pairflip and sym/pair at 12.5-75 % on 10 CoOp datasets, plus Food-101N."""
-    return {"model": model, **COOP_BASE, "epochs": 200, "loss": _every_loss(), "seed": [1, 2, 3],
-            "grids": [
-                {"dataset": list(COOP_10), "noise": ["symflip", "pairflip"], "fp": list(FP_16)},
-                {"dataset": list(COOP_10), "noise": ["sym", "pair"], "noise_rate": [fp / 16 for fp in FP_16]},
-                {"dataset": ["food101n"], "noise": ["given"]},
-            ]}
+    """JoAPR / NLPrompt: symflip/pairflip and sym/pair at 12.5-75 % on 10 CoOp datasets, plus Food-101N; every
+    loss with plain prompt tuning, and every method on its base loss CE."""
+    settings = [
+        {"dataset": list(COOP_10), "noise": ["symflip", "pairflip"], "fp": list(FP_16)},
+        {"dataset": list(COOP_10), "noise": ["sym", "pair"], "noise_rate": [fp / 16 for fp in FP_16]},
+        {"dataset": ["food101n"], "noise": ["given"]},
+    ]
+    runs = [{"method": ["plain"], "loss": _every_loss()}, {"method": _every_method(), "loss": ["ce"]}]
+    return {"model": model, **COOP_BASE, "epochs": 200, "seed": [1, 2, 3],
+            "grids": [s | r for s in settings for r in runs]}
 
 
 def ptnl_spec(model: str = "RN50") -> dict[str, Any]:
@@ -281,7 +297,8 @@ def ptnl_spec(model: str = "RN50") -> dict[str, Any]:
 
 _VIT = "ViT-B-16 (openai) instead of RN50, all else as"
 register_preset(Preset("joapr", "JoAPR / NLPrompt protocol: CoOp RN50, 16 shots, 200 epochs; symflip/pairflip "
-                       "and sym/pair noise at 12.5-75 % on 10 CoOp datasets, Food-101N; every loss; seeds 1-3",
+                       "and sym/pair noise at 12.5-75 % on 10 CoOp datasets, Food-101N; every loss and method; "
+                       "seeds 1-3",
                        JOAPR_SOURCE, joapr_spec))
 register_preset(Preset("joapr-vitb16", f"{_VIT} joapr", JOAPR_SOURCE + " ViT-B/16: same schedule, other backbone "
                        "(CoOp's vit_b16 config has the same optimiser settings).", lambda: joapr_spec("ViT-B-16")))
