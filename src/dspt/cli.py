@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 import traceback
+from pathlib import Path
 from typing import Any, Callable
 
 from .version import __version__
@@ -145,6 +146,37 @@ def cmd_train(args: argparse.Namespace) -> int:
     out = cfg.resolved().output
     print(f"run folder: {out}")
     print(run_summary(metrics))
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from .audit import audit
+
+    if args.run:
+        if args.data or args.dataset != "folder":
+            raise ConfigError("give a run folder or --data/--dataset, not both")
+        path = Path(args.run) / "config.yaml"
+        if not path.is_file():
+            raise ConfigError(f"'{args.run}' is not a dspt run folder (no config.yaml); pass a run folder or --data DIR")
+        cfg = RunConfig.load(path)
+        cfg = dataclasses.replace(cfg, cache_dir=args.cache_dir or cfg.cache_dir, progress=not args.no_progress)
+        out = Path(args.output) if args.output else Path(args.run) / "audit"
+    else:
+        cfg = config_from_args(args)
+        cfg.output = None
+        out = Path(args.output or "dspt_audit")
+    res = audit(cfg, out, folds=args.folds, review=not args.no_review)
+    t = res.table
+    print(f"{len(t)} images, {int(t['flagged'].sum())} flagged by cleanlab; most suspicious first:")
+    cols = ["rank", "path", "given", "suggested", "label_quality", "given_prob", "flagged"]
+    print(t[cols].head(args.show).to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+    if res.metrics:
+        m = res.metrics
+        print(f"\nagainst the known wrong labels ({m['flips']} of {m['images']}): flags precision "
+              f"{m['flagged']['precision']:.2f} recall {m['flagged']['recall']:.2f}; " + "; ".join(
+                  f"{s} AUROC {m[s]['auroc']:.3f} AP {m[s]['average_precision']:.3f}" for s in ("label_quality",
+                                                                                              "given_prob")))
+    print("\nwrote " + ", ".join(str(f) for f in res.files.values()))
     return 0
 
 
@@ -390,6 +422,8 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "train": (cmd_train, "prompt-tune a CLIP model on (noisy) labelled images"),
     "zeroshot": (cmd_zeroshot, "zero-shot accuracy of a prompt template"),
     "predict": (cmd_predict, "classify images with a trained run"),
+    "audit": (cmd_audit, "find the training labels that are probably wrong (cross-fitted scores, cleanlab) and "
+                         "write a review page"),
     "losses": (cmd_losses, "list the losses"),
     "methods": (cmd_methods, "list the training methods and losses: what each does, its paper, options, default lr"),
     "models": (cmd_models, "list open_clip models and pretrained tags"),
@@ -412,6 +446,20 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=fn)
         if name in ("train", "zeroshot"):
             add_run_options(p)
+        elif name == "audit":
+            add_run_options(p)
+            p.set_defaults(shots=0)
+            p.add_argument("run", nargs="?", help="a run folder to audit (its images, labels and settings); or "
+                           "give --data DIR and training options")
+            p.add_argument("--folds", type=int, default=5, help="cross-fitting folds: each image is scored by "
+                           "prompts tuned on the other folds (default 5)")
+            p.add_argument("--no-review", action="store_true", help="no review page")
+            p.add_argument("--show", type=int, default=15, help="suspects to print (default 15)")
+            p.description = ("Scores every training image out of sample (K-fold cross-fitting), with cleanlab's "
+                             "label quality and issue flags and dspt's probability of the given label; writes "
+                             "audit.csv, audit.json, review.html and, where the true labels are known, "
+                             "precision_recall.png. -o is the audit folder (default RUN/audit or dspt_audit). "
+                             "Without a run, every image of --data is audited (--shots 0).")
         elif name == "predict":
             p.add_argument("run", help="a finished run folder (from dspt train)")
             p.add_argument("images", nargs="+", help="image files or folders (searched recursively)")

@@ -1,0 +1,218 @@
+"""`dspt audit`: which training labels are probably wrong, scored out of sample.
+
+A model tuned on some labels predicts those very labels too well (in-sample predictions are biased towards
+them, wrong ones included), so every training image is scored by prompts that never saw it: the images are
+split into K folds (stratified by given label), K runs are tuned on K-1 folds each through `dspt.train`
+(same run folders, resume, cache), and each fold is predicted by the run that left it out (cross-fitting).
+On those out-of-sample probabilities:
+- cleanlab scores each label (`get_label_quality_scores`, normalized margin) and flags issues
+  (`find_label_issues`, confident learning), a well-kept library made for the job;
+- dspt's own score is the probability of the given label (with DSPT, a confidently contradicted label is one
+  the loss stopped listening to).
+Written: `audit.csv` (every image, most suspicious first: path, given and suggested class, scores, flag),
+`audit.json`, the review page (`review.html`) and, where the true labels are known (injected noise, CIFAR-N),
+precision / recall / AUROC of each score against the true flips and a precision-recall plot.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .config import RunConfig
+from .errors import ConfigError, DataError
+from .io import atomic_write, atomic_write_json, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+#: The scores of an audit; low means suspicious for each.
+SCORES = ("label_quality", "given_prob")
+
+
+@dataclass
+class AuditResult:
+    table: pd.DataFrame  # one row per training image, most suspicious first
+    metrics: dict[str, Any]  # per score: precision, recall, AUROC, average precision (true labels known)
+    files: dict[str, Path]
+
+
+def fold_assignment(given: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    """Fold of every sample, stratified by given label: a class's samples are spread over the folds in turn,
+    after a seeded shuffle, so every fold's training set keeps every class it can."""
+    rng = np.random.default_rng(seed)
+    out = np.empty(len(given), dtype=np.int64)
+    offset = 0
+    for c in np.unique(given):
+        idx = rng.permutation(np.flatnonzero(given == c))
+        out[idx] = (np.arange(len(idx)) + offset) % folds
+        offset += len(idx)
+    return out
+
+
+def _write_fold_table(path: Path, rows: list[tuple[str, str, str]]) -> None:
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["path", "label", "split"])
+    writer.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
+
+
+def _fold_configs(cfg: RunConfig, p: Any, fold: np.ndarray, folds: int, out: Path) -> list[RunConfig]:
+    """One run per fold, tuned on the other folds' images with their given labels (no noise added: the labels
+    are the ones under audit), tested on the run's test split."""
+    classes = p.train.classnames
+    names = out / "folds" / "classnames.txt"
+    atomic_write_text(names, "".join(c + "\n" for c in classes))
+    given = p.labels.given
+    test = [(str(Path(x).resolve()), classes[y], "test") for x, y in zip(p.test.paths, p.test.labels)]
+    cfgs = []
+    for k in range(folds):
+        rows = [(str(Path(x).resolve()), classes[given[i]], "train") for i, x in enumerate(p.train.paths)
+                if fold[i] != k]
+        table = out / "folds" / f"fold{k}.csv"
+        _write_fold_table(table, rows + test)
+        cfgs.append(replace(cfg, data=str(table), dataset="csv", root=None, test_data=None, classnames=str(names),
+                            shots=0, noise="sym", noise_rate=0.0, fp=None, noise_file=None, label_set=None,
+                            val_shots=None, output=str(out / "folds" / f"fold{k}"),
+                            results=str(out / "folds" / "results.csv"), epochs=cfg.epochs))
+    return cfgs
+
+
+def cross_fit_probabilities(cfg: RunConfig, folds: int, out: Path) -> tuple[np.ndarray, Any, np.ndarray]:
+    """(probabilities [N, C], the prepared run, fold of each sample): every image predicted by the prompts of
+    the fold run that left it out."""
+    from .train import load_prompt, prepare, train_batch
+
+    p = prepare(cfg)
+    n, c = len(p.train), p.train.num_classes
+    if folds < 2:
+        raise ConfigError(f"--folds {folds}: cross-fitting needs at least 2 folds")
+    counts = np.bincount(p.labels.given, minlength=c)
+    if (counts < folds).any():
+        thin = [p.train.classnames[i] for i in np.flatnonzero(counts < folds)][:3]
+        log.warning("classes %s have fewer images than folds (%d): some fold runs train without them", thin, folds)
+    fold = fold_assignment(p.labels.given, folds, p.seeds["shots"])
+    cfgs = _fold_configs(cfg, p, fold, folds, out)
+    outcomes = train_batch(cfgs)
+    for k, (status, payload) in enumerate(outcomes):
+        if status != "ok":
+            raise payload
+    probs = np.zeros((n, c), dtype=np.float64)
+    feats = p.train_feats[0]
+    for k in range(folds):
+        held = np.flatnonzero(fold == k)
+        clf = load_prompt(Path(cfgs[k].output), backbone=p.backbone, device=str(feats.device))
+        with torch.no_grad():
+            text = clf.text_features().to(feats.device, feats.dtype)
+            logits = p.backbone.logit_scale * feats[torch.as_tensor(held, device=feats.device)] @ text.t()
+            probs[held] = torch.softmax(logits.double(), -1).cpu().numpy()
+    return probs, p, fold
+
+
+def score_labels(given: np.ndarray, probs: np.ndarray) -> pd.DataFrame:
+    """cleanlab's label quality and issue flags, dspt's probability of the given label, the suggestion."""
+    from cleanlab.filter import find_label_issues
+    from cleanlab.rank import get_label_quality_scores
+
+    quality = get_label_quality_scores(given, probs, method="normalized_margin")
+    try:
+        flagged = find_label_issues(given, probs, filter_by="prune_by_noise_rate")
+    except ValueError as exc:  # e.g. a class with no sample
+        raise DataError(f"cleanlab could not estimate the label noise ({exc}); audit more images per class") from None
+    suggested = probs.argmax(1)
+    return pd.DataFrame({"given_idx": given, "suggested_idx": suggested, "label_quality": quality,
+                         "given_prob": probs[np.arange(len(given)), given],
+                         "suggested_prob": probs[np.arange(len(given)), suggested], "flagged": flagged})
+
+
+def detection_metrics(table: pd.DataFrame, is_noisy: np.ndarray) -> dict[str, Any]:
+    """Per score: AUROC and average precision of ranking the true flips first; for the flags, precision and
+    recall; for each score, precision and recall among as many top-ranked images as were flagged."""
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    noisy = np.asarray(is_noisy, dtype=bool)
+    out: dict[str, Any] = {"flips": int(noisy.sum()), "images": len(noisy)}
+    flagged = table["flagged"].to_numpy(bool)
+    k = int(flagged.sum())
+    out["flagged"] = {"count": k, "precision": float(noisy[flagged].mean()) if k else math.nan,
+                      "recall": float(flagged[noisy].mean()) if noisy.any() else math.nan}
+    for score in SCORES:
+        suspicion = -table[score].to_numpy(float)
+        both = noisy.any() and (~noisy).any()
+        top = np.argsort(suspicion, kind="stable")[::-1][:k] if k else np.array([], dtype=int)
+        out[score] = {"auroc": float(roc_auc_score(noisy, suspicion)) if both else math.nan,
+                      "average_precision": float(average_precision_score(noisy, suspicion)) if both else math.nan,
+                      f"precision_at_{k}": float(noisy[top].mean()) if k else math.nan,
+                      f"recall_at_{k}": float(noisy[top].sum() / noisy.sum()) if k and noisy.any() else math.nan}
+    return out
+
+
+def _pr_plot(table: pd.DataFrame, is_noisy: np.ndarray, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import precision_recall_curve
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for score in SCORES:
+        prec, rec, _ = precision_recall_curve(is_noisy, -table[score].to_numpy(float))
+        ax.plot(rec, prec, label=score)
+    ax.axhline(float(np.mean(is_noisy)), color="gray", linestyle="--", label="share of wrong labels")
+    ax.set_xlabel("recall of the wrong labels")
+    ax.set_ylabel("precision")
+    ax.set_title("Finding the wrong labels (out-of-sample scores)", fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+
+
+def audit(cfg: RunConfig, output: str | Path, folds: int = 5, review: bool = True) -> AuditResult:
+    """Cross-fit, score, and write the audit of `cfg`'s training images into `output`."""
+    cfg = cfg.resolved()
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    probs, p, fold = cross_fit_probabilities(cfg, folds, out)
+    classes = p.train.classnames
+    scores = score_labels(p.labels.given, probs)
+    table = pd.DataFrame({"path": [str(Path(x).resolve()) for x in p.train.paths],
+                          "given": [classes[i] for i in scores["given_idx"]],
+                          "suggested": [classes[i] for i in scores["suggested_idx"]], "fold": fold})
+    table = pd.concat([table, scores.drop(columns=["given_idx", "suggested_idx"])], axis=1)
+    known = (cfg.noise != "given" and cfg.noise_rate > 0) or bool((p.labels.true != p.labels.given).any())
+    if known:
+        table["true"] = [classes[i] for i in p.labels.true]
+        table["wrong_label"] = p.labels.is_noisy
+    table = table.sort_values(["label_quality", "given_prob"], kind="stable").reset_index(drop=True)
+    table.insert(0, "rank", np.arange(1, len(table) + 1))
+    files = {"audit.csv": out / "audit.csv"}
+    atomic_write_text(files["audit.csv"], table.to_csv(index=False))
+    metrics = detection_metrics(table, table["wrong_label"].to_numpy(bool)) if known else {}
+    if known:
+        files["precision_recall.png"] = out / "precision_recall.png"
+        _pr_plot(table, table["wrong_label"].to_numpy(bool), files["precision_recall.png"])
+    summary = {"images": len(table), "flagged": int(table["flagged"].sum()), "folds": folds,
+               "config": cfg.to_dict(), "true_labels_known": known, "detection": metrics,
+               "scores": {"label_quality": "cleanlab normalized margin of the out-of-sample probabilities "
+                                           "(low: suspicious)",
+                          "given_prob": "probability of the given label under the fold's tuned prompt (low: "
+                                        "suspicious)",
+                          "flagged": "cleanlab find_label_issues (confident learning, prune_by_noise_rate)"}}
+    files["audit.json"] = out / "audit.json"
+    atomic_write_json(files["audit.json"], summary)
+    if review:
+        from .review import write_review_page
+
+        files["review.html"] = write_review_page(table, list(classes), out / "review.html")
+    return AuditResult(table, metrics, files)

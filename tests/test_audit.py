@@ -1,0 +1,97 @@
+"""`dspt audit`: out-of-sample scores rank planted flips first, cross-fitting never scores an image with prompts
+that saw it, and the command writes its table, summary and plot."""
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from clirun import run_cli
+from dspt.audit import audit, fold_assignment
+from dspt.config import RunConfig
+from imagefolders import make_split_folders
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return make_split_folders(tmp_path_factory.mktemp("audit"), classes=3, train=20, test=5)
+
+
+def _cfg(data: Path, cache: Path, **over) -> RunConfig:
+    opts = dict(data=str(data), model="dspt-tiny", pretrained=None, shots=0, views=1, n_ctx=4, epochs=20,
+                batch_size=8, noise="sym", noise_rate=0.3, loss="ce", seed=1, device="cpu", cache_dir=str(cache),
+                progress=False)
+    opts.update(over)
+    return RunConfig(**opts)
+
+
+@pytest.fixture(scope="module")
+def audited(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("audited")
+    return audit(_cfg(data, out / "cache"), out / "audit", folds=4, review=False), out / "audit"
+
+
+def test_planted_flips_rank_above_clean_samples(audited):
+    res, _ = audited
+    m = res.metrics
+    assert m["flips"] == 18 and m["images"] == 60  # exactly 30 % of 60 labels were flipped
+    for score in ("label_quality", "given_prob"):
+        assert m[score]["auroc"] >= 0.9, (score, m[score])
+    assert m["flagged"]["precision"] >= 0.8 and m["flagged"]["recall"] >= 0.8
+    table = res.table
+    assert list(table["rank"]) == list(range(1, 61))
+    assert table["label_quality"].is_monotonic_increasing  # most suspicious first
+    top = table.head(m["flips"])
+    assert top["wrong_label"].mean() >= 0.8
+    fixed = top[top["wrong_label"]]
+    assert (fixed["suggested"] == fixed["true"]).mean() >= 0.8  # the suggestion is the true class
+
+
+def test_cross_fitting_never_scores_an_image_with_prompts_that_saw_it(audited):
+    res, out = audited
+    table = res.table
+    for k in range(4):
+        trained = {r["path"] for r in csv.DictReader((out / "folds" / f"fold{k}" / "train_files.csv").open())}
+        held = set(table.loc[table["fold"] == k, "path"])
+        assert held and not (held & trained)
+        assert trained | held == set(table["path"])  # each fold run saw every other image
+    assert np.bincount(table["fold"], minlength=4).min() >= 14  # balanced folds
+
+
+def test_probabilities_and_scores_are_what_the_csv_says(audited):
+    res, out = audited
+    written = pd.read_csv(out / "audit.csv")
+    assert list(written["path"]) == list(res.table["path"])
+    assert np.allclose(written["given_prob"], res.table["given_prob"])
+    assert ((written["suggested_prob"] >= written["given_prob"] - 1e-12)).all()  # the suggestion is the argmax
+    summary = json.loads((out / "audit.json").read_text())
+    assert summary["true_labels_known"] and summary["flagged"] == int(written["flagged"].sum())
+    assert (out / "precision_recall.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_folds_are_stratified_and_seeded():
+    given = np.repeat(np.arange(3), [10, 7, 4])
+    a, b = fold_assignment(given, 4, 5), fold_assignment(given, 4, 5)
+    assert (a == b).all() and not (a == fold_assignment(given, 4, 6)).all()
+    for c in range(3):
+        counts = np.bincount(a[given == c], minlength=4)
+        assert counts.max() - counts.min() <= 1
+
+
+def test_audit_a_run_folder_from_the_command_line(data, tmp_path):
+    run = tmp_path / "run"
+    code, out, err = run_cli(["train", "--data", str(data), "--model", "dspt-tiny", "--pretrained", "none",
+                              "--shots", "all", "--views", "1", "--n-ctx", "4", "--epochs", "2", "--noise-rate", "0.3",
+                              "--loss", "ce", "--device", "cpu", "--cache-dir", str(tmp_path / "cache"), "-o", str(run),
+                              "--no-progress"])
+    assert code == 0, err
+    code, out, err = run_cli(["audit", str(run), "--folds", "3", "--no-review", "--no-progress"])
+    assert code == 0, err
+    assert "most suspicious first" in out and "AUROC" in out
+    assert (run / "audit" / "audit.csv").is_file() and (run / "audit" / "folds" / "fold2" / "metrics.json").is_file()
+    code, out, err = run_cli(["audit", str(tmp_path / "nope")])
+    assert code == 2 and err.count("\n") == 1 and "not a dspt run folder" in err
