@@ -32,7 +32,7 @@ def _cfg(data: Path, cache: Path, **over) -> RunConfig:
 @pytest.fixture(scope="module")
 def audited(data, tmp_path_factory):
     out = tmp_path_factory.mktemp("audited")
-    return audit(_cfg(data, out / "cache"), out / "audit", folds=4, review=False), out / "audit"
+    return audit(_cfg(data, out / "cache"), out / "audit", folds=4), out / "audit"
 
 
 def test_planted_flips_rank_above_clean_samples(audited):
@@ -71,6 +71,8 @@ def test_probabilities_and_scores_are_what_the_csv_says(audited):
     summary = json.loads((out / "audit.json").read_text())
     assert summary["true_labels_known"] and summary["flagged"] == int(written["flagged"].sum())
     assert (out / "precision_recall.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page = (out / "review.html").read_text()  # the review page shows every flagged image, embedded
+    assert page.count("<img") >= int(written["flagged"].sum()) and "http://" not in page
 
 
 def test_folds_are_stratified_and_seeded():

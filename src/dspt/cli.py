@@ -157,7 +157,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
             raise ConfigError("give a run folder or --data/--dataset, not both")
         path = Path(args.run) / "config.yaml"
         if not path.is_file():
-            raise ConfigError(f"'{args.run}' is not a dspt run folder (no config.yaml); pass a run folder or --data DIR")
+            raise ConfigError(f"'{args.run}' is not a dspt run folder (no config.yaml); pass a run folder or "
+                              "--data DIR")
         cfg = RunConfig.load(path)
         cfg = dataclasses.replace(cfg, cache_dir=args.cache_dir or cfg.cache_dir, progress=not args.no_progress)
         out = Path(args.output) if args.output else Path(args.run) / "audit"
@@ -203,8 +204,20 @@ def cmd_zeroshot(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from .predict import predict_files
 
-    n = predict_files(args.run, args.images, args.out, top_k=args.top_k, device=args.device)
+    n = predict_files(args.run, args.images, args.out, top_k=args.top_k, device=args.device,
+                      checkpoint=args.checkpoint)
     print(f"wrote {n} predictions to {args.out}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_run, sidecar_path
+
+    fmt = args.format or ("onnx" if str(args.output).lower().endswith(".onnx") else "dspt")
+    meta = export_run(args.run, args.output, format=fmt, checkpoint=args.checkpoint, device=args.device)
+    extra = f" and {sidecar_path(args.output)}" if fmt == "onnx" else ""
+    print(f"wrote {args.output}{extra}: {meta['num_classes']} classes, model {meta['model']['name']} "
+          f"({meta['model']['weights_id']})")
     return 0
 
 
@@ -421,7 +434,8 @@ def add_preset_options(p: argparse.ArgumentParser) -> None:
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
     "train": (cmd_train, "prompt-tune a CLIP model on (noisy) labelled images"),
     "zeroshot": (cmd_zeroshot, "zero-shot accuracy of a prompt template"),
-    "predict": (cmd_predict, "classify images with a trained run"),
+    "predict": (cmd_predict, "classify images with a trained run or an exported classifier"),
+    "export": (cmd_export, "write a finished run as one classifier file (safetensors, or ONNX for onnxruntime)"),
     "audit": (cmd_audit, "find the training labels that are probably wrong (cross-fitted scores, cleanlab) and "
                          "write a review page"),
     "losses": (cmd_losses, "list the losses"),
@@ -461,11 +475,24 @@ def build_parser() -> argparse.ArgumentParser:
                              "precision_recall.png. -o is the audit folder (default RUN/audit or dspt_audit). "
                              "Without a run, every image of --data is audited (--shots 0).")
         elif name == "predict":
-            p.add_argument("run", help="a finished run folder (from dspt train)")
+            p.add_argument("run", help="a finished run folder (from dspt train), or a classifier file from dspt "
+                                       "export (.safetensors, or .onnx run with onnxruntime)")
             p.add_argument("images", nargs="+", help="image files or folders (searched recursively)")
             p.add_argument("--out", default="predictions.csv", help="CSV to write (default predictions.csv)")
             p.add_argument("--top-k", type=int, default=3)
             p.add_argument("--device", default="auto")
+            p.add_argument("--checkpoint", help="the CLIP checkpoint file where it moved since training (its "
+                                                "sha256 must match)")
+        elif name == "export":
+            p.add_argument("run", help="a finished run folder (from dspt train)")
+            p.add_argument("--output", "-o", required=True, metavar="FILE",
+                           help="file to write: FILE.safetensors (format dspt) or FILE.onnx (+ FILE.json)")
+            p.add_argument("--format", choices=["dspt", "onnx"],
+                           help="dspt: class text features + metadata in one safetensors file, for "
+                           "dspt.load_classifier / dspt predict; onnx: image tower + text head as one ONNX model "
+                           "(needs pip install 'dspt[export]'). Default: onnx for a .onnx file name, else dspt")
+            p.add_argument("--checkpoint", help="the run's CLIP checkpoint file where it moved since training")
+            p.add_argument("--device", default="cpu", help="device computing the text features (default cpu)")
         elif name == "doctor":
             p.add_argument("--cache-dir")
         elif name == "demo":

@@ -66,6 +66,18 @@ def resolve_lr(cfg: RunConfig, num_classes: int) -> float:
     return float(cfg.lr) if cfg.lr is not None else matched_lr(cfg.loss, num_classes, **cfg.loss_options)
 
 
+def csv_text(header: list[str], rows: Any) -> str:
+    """A CSV file's text: paths with commas or quotes are quoted, so the file reads back as written."""
+    import csv
+    import io
+
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     """The epoch's own generator (minibatch order and view choice), so a resumed run redraws nothing."""
     return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, epoch, 7]).generate_state(1)[0]))
@@ -233,13 +245,13 @@ def prepare(cfg: RunConfig, run_dir: Path | None = None, backbone: Backbone | No
         val_info.update(n=len(val), realised_rate=val_labels.realised_rate)
     skipped = {"test": bad_test, "val": bad_val}  # the training draw's are in sel.info
     if run_dir is not None:
-        atomic_write_text(run_dir / "train_files.csv", "index,path,true,given\n" + "".join(
-            f"{i},{p},{t},{g}\n" for i, p, t, g in zip(idx.tolist(), train.paths, labels.true, labels.given)))
+        atomic_write_text(run_dir / "train_files.csv", csv_text(["index", "path", "true", "given"], zip(
+            idx.tolist(), train.paths, labels.true.tolist(), labels.given.tolist())))
         labels.save(run_dir / "noisy_labels.csv")
         if val_labels is not None:
             val_labels.save(run_dir / "val_noisy_labels.csv")
-            atomic_write_text(run_dir / "val_files.csv", "path,true,given\n" + "".join(
-                f"{p},{t},{g}\n" for p, t, g in zip(val.paths, val_labels.true, val_labels.given)))
+            atomic_write_text(run_dir / "val_files.csv", csv_text(["path", "true", "given"], zip(
+                val.paths, val_labels.true.tolist(), val_labels.given.tolist())))
         atomic_write_json(run_dir / "dataset.json", sel.info | {"skipped_evaluation_images": skipped,
                                                                   "seeds": seeds, "split_seed": cfg.split_seed,
                                                                   "validation": val_info})
