@@ -186,6 +186,18 @@ def test_files_and_plots_are_written(tmp_path):
     assert len(cells) == 7
 
 
+def test_a_second_report_into_the_same_folder_removes_the_first_ones_stale_plots(tmp_path):
+    path, table = _store(tmp_path)
+    report([path], tmp_path / "out")
+    table[table["dataset"] == "a"].to_csv(tmp_path / "only_a.csv", index=False)
+    _, files = report([tmp_path / "only_a.csv"], tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == sorted(n for n in files if n.endswith(".png"))
+    assert not any("_b_" in p.name for p in (tmp_path / "out").glob("*.png"))
+    (tmp_path / "out" / "mine.txt").write_text("kept")  # a file the report did not write is never touched
+    report([path], tmp_path / "out")
+    assert (tmp_path / "out" / "mine.txt").is_file()
+
+
 def test_a_run_folder_and_a_duplicate_store_count_each_run_once(tmp_path):
     path, table = _store(tmp_path)
     runs = load_runs([path, path])

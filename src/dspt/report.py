@@ -368,9 +368,14 @@ def _intro(rep: Report, stores: Sequence[str | Path]) -> list[str]:
 
 
 def write_report(rep: Report, out: str | Path, stores: Sequence[str | Path], plots: bool = True) -> dict[str, Path]:
-    """Write report.md, report.html (self-contained), the CSV files and the plots into `out`."""
+    """Write report.md, report.html (self-contained), the CSV files and the plots into `out`; the files of an
+    earlier report there that this one does not rewrite (plots of settings gone) are removed."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        earlier = set(json.loads((out / "report.json").read_text()).get("files", []))
+    except (OSError, ValueError, AttributeError):
+        earlier = set()
     files = {}
     csvs = {"cells.csv": rep.stats, "comparison.csv": rep.comparison, "robustness.csv": rep.robustness,
             "lr_choices.csv": rep.choices, "missing.csv": rep.missing, "runs.csv": rep.runs}
@@ -400,10 +405,14 @@ def write_report(rep: Report, out: str | Path, stores: Sequence[str | Path], plo
     files["report.html"] = out / "report.html"
     for p in images:
         files[p.name] = p
+    files["report.json"] = out / "report.json"
     atomic_write_text(out / "report.json", json.dumps({"stores": [str(s) for s in stores], "reference": rep.reference,
                                                        "select": rep.select, "select_on": rep.select_on,
-                                                       "runs": len(rep.runs), "notes": rep.notes}, indent=1))
-    files["report.json"] = out / "report.json"
+                                                       "runs": len(rep.runs), "notes": rep.notes,
+                                                       "files": sorted(files)}, indent=1))
+    for name in earlier - set(files):
+        if "/" not in name and (out / name).is_file():
+            (out / name).unlink()
     return files
 
 
