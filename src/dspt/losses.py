@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConfigError
+from .registries import registrar
 
 __all__ = ["LOSSES", "register_loss", "get_loss", "loss_names", "ClassificationLoss"]
 
@@ -37,16 +38,7 @@ _EPS = 1e-7
 
 def register_loss(name: str) -> Callable[[_T], _T]:
     """Decorator adding a loss class to :data:`LOSSES` under ``name`` (lower case, unique)."""
-    key = _normalise(name)
-
-    def deco(cls: _T) -> _T:
-        if key in LOSSES:
-            raise ValueError(f"loss '{key}' is already registered (by {LOSSES[key].__name__})")
-        LOSSES[key] = cls
-        cls.name = key  # type: ignore[attr-defined]
-        return cls
-
-    return deco
+    return registrar(LOSSES, _normalise(name), "loss")
 
 
 def loss_names() -> list[str]:

@@ -6,6 +6,7 @@ from typing import Any, Callable, TypeVar
 import torch
 
 from ..errors import ConfigError
+from ..registries import registrar
 from .base import Method
 
 METHODS: dict[str, type[Method]] = {"plain": Method}
@@ -15,15 +16,7 @@ _T = TypeVar("_T", bound=type)
 
 def register_method(name: str) -> Callable[[_T], _T]:
     """Decorator adding a Method subclass to :data:`METHODS` under `name`."""
-
-    def deco(cls: _T) -> _T:
-        if name in METHODS:
-            raise ValueError(f"method '{name}' is already registered (by {METHODS[name].__name__})")
-        METHODS[name] = cls
-        cls.name = name  # type: ignore[attr-defined]
-        return cls
-
-    return deco
+    return registrar(METHODS, name, "method")
 
 
 def method_names() -> list[str]:
