@@ -375,6 +375,23 @@ def images_rendered(driver) -> list[list]:
         "return Array.from(document.images).map(i => [i.src.slice(0, 30), i.complete, i.naturalWidth]);")
 
 
+def reload_until(driver, restored, timeout: float = 20) -> bool:
+    """Reload until `restored()` holds; False if it never does within `timeout` seconds.
+
+    Chromium hands a page's localStorage writes to the browser process asynchronously, so a reload a few
+    milliseconds after the last write may still read the state before it (seen once on a loaded CI machine).
+    A page whose storage never persists still fails here, just after the timeout.
+    """
+    end = time.monotonic() + timeout
+    while True:
+        time.sleep(0.5)
+        driver.refresh()
+        if restored():
+            return True
+        if time.monotonic() > end:
+            return False
+
+
 def text_of(driver, element_id: str) -> str:
     from selenium.webdriver.common.by import By
 
@@ -458,8 +475,9 @@ def test_browser_relative_images_placeholders_drop_and_reload(browser, dataset, 
     assert text_of(browser, "counter") == "1 change: 0 relabelled, 1 dropped"
     assert text_of(browser, "rows-info") == f"CSV: {len(t) - 1} of {len(t)} images"
 
-    browser.refresh()  # the choices survive a reload (localStorage)
-    assert browser.find_element("css selector", f'.card[data-row="{first}"] input[value="drop"]').is_selected()
+    # the choices survive a reload (localStorage)
+    assert reload_until(browser, lambda: browser.find_element(
+        "css selector", f'.card[data-row="{first}"] input[value="drop"]').is_selected())
     assert text_of(browser, "counter") == "1 change: 0 relabelled, 1 dropped"
 
     got, rows = download_csv(browser, tmp_path)
