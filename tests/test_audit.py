@@ -60,6 +60,12 @@ def test_cross_fitting_never_scores_an_image_with_prompts_that_saw_it(audited):
         assert held and not (held & trained)
         assert trained | held == set(table["path"])  # each fold run saw every other image
     assert np.bincount(table["fold"], minlength=4).min() >= 14  # balanced folds
+    # one shared table, each fold's images left out by --exclude, so the 4 fold runs trained as one batch
+    for k in range(4):
+        metrics = json.loads((out / "folds" / f"fold{k}" / "metrics.json").read_text())
+        assert metrics["batch_runs"] == 4
+        excluded = json.loads((out / "folds" / f"fold{k}" / "dataset.json").read_text())["excluded_training_images"]
+        assert excluded == int((table["fold"] == k).sum())
 
 
 def test_probabilities_and_scores_are_what_the_csv_says(audited):

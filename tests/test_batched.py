@@ -1,8 +1,11 @@
 """Batched prompt tuning: R runs as one model, each with the numbers it has alone."""
 from __future__ import annotations
 
+import csv
 import json
+import os
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -11,7 +14,7 @@ import torch
 
 from dspt.backbone import load_backbone
 from dspt.config import RunConfig
-from dspt.errors import TrainingError
+from dspt.errors import ConfigError, TrainingError
 from dspt.optim import RunwiseSGD
 from dspt.prompt import PromptBatch, PromptClassifier, PromptLearner
 from dspt.train import batch_key, train, train_batch
@@ -201,3 +204,49 @@ def _prepared(cfg):
     from dspt.train import prepare
 
     return prepare(cfg.resolved())
+
+
+def _exclude_file(path, images):
+    path.write_text("# left out of training\n" + "".join(f"{p}\n" for p in images))
+    return str(path)
+
+
+def test_training_sets_of_different_sizes_batch_when_their_epochs_take_equal_steps(data, tmp_path):
+    """Cross-fitting folds differ in size by a few images: with 30, 29 and 28 images and batches of 4 every
+    epoch takes 7 steps, so the three runs train as one batch, each as it would alone; with 27 images (6 steps)
+    a run trains in a batch of its own."""
+    images = sorted((data / "train").rglob("*.png"))
+    dropped = {30: [], 29: images[:1], 28: [images[3], images[25]], 27: images[10:13]}
+    cfgs = {n: _cfg(data, tmp_path / "b", f"n{n}", shots=0, batch_size=4, loss="ce", lr=0.05, seed=n,
+                    exclude=_exclude_file(tmp_path / f"ex{n}.txt", gone)) for n, gone in dropped.items()}
+    assert len({batch_key(c.resolved()) for c in cfgs.values()}) == 1  # one group: the same data
+    outcome = dict(zip(cfgs, train_batch(list(cfgs.values()))))
+    assert all(status == "ok" for status, _ in outcome.values())
+    assert {n: m["batch_runs"] for n, (_, m) in outcome.items()} == {30: 3, 29: 3, 28: 3, 27: 1}
+    for n, gone in dropped.items():
+        run_b = tmp_path / "b" / f"n{n}"
+        trained = [r["path"] for r in csv.DictReader((run_b / "train_files.csv").open())]
+        assert len(trained) == n and not set(map(str, gone)) & set(trained)
+        assert json.loads((run_b / "dataset.json").read_text())["excluded_training_images"] == 30 - n
+        alone = train(replace(cfgs[n], output=str(tmp_path / "a" / f"n{n}"), results=None))
+        assert alone["batch_runs"] == 1
+        np.testing.assert_allclose(_history(run_b), _history(tmp_path / "a" / f"n{n}"), atol=1e-4)
+        assert abs(outcome[n][1]["test_acc"] - alone["test_acc"]) <= 0.5
+
+
+def test_exclude_names_what_is_wrong(data, tmp_path):
+    images = sorted((data / "train").rglob("*.png"))
+    rel = tmp_path / "rel.txt"  # relative lines are resolved against the file's folder; blank lines are skipped
+    rel.write_text(f"\n{os.path.relpath(images[0], tmp_path)}\n")
+    metrics = train(_cfg(data, tmp_path, "rel", shots=0, epochs=1, exclude=str(rel)))
+    assert json.loads((tmp_path / "rel" / "dataset.json").read_text())["excluded_training_images"] == 1
+    assert metrics["batch_runs"] == 1
+    bad = {"missing": (str(tmp_path / "nope.txt"), "cannot be read"),
+           "unknown": (_exclude_file(tmp_path / "u.txt", [tmp_path / "elsewhere.png"]), "not in the training split"),
+           "all": (_exclude_file(tmp_path / "all.txt", images), "leaves no training image")}
+    for name, (file, message) in bad.items():
+        with pytest.raises(ConfigError, match=message):
+            train(_cfg(data, tmp_path, name, shots=0, epochs=1, exclude=file))
+        assert not (tmp_path / name).exists(), name  # nothing half-written
+    with pytest.raises(ConfigError, match="--exclude cannot be combined with --noise-file"):
+        RunConfig(data=str(data), noise="given", noise_file=str(rel), exclude=str(rel)).resolved()

@@ -137,9 +137,10 @@ def test_page_is_self_contained_and_shows_every_suspect(dataset, tmp_path):
     assert all(a["src"].startswith("data:image/jpeg;base64,") for a in imgs)
     cards = [int(a["data-row"]) for a in tags.find("article")]
     assert sorted(cards) == sorted(suspects.index.tolist())
-    # suggest / keep / drop for each suspect
+    # keep / suggest / another class (with its list) / drop for each suspect
     for row in cards:
-        assert {a["value"] for a in tags.find("input", name=f"c{row}")} == {"keep", "suggest", "drop"}
+        assert {a["value"] for a in tags.find("input", name=f"c{row}")} == {"keep", "suggest", "other", "drop"}
+        assert len(tags.find("select", **{"data-row": str(row)})) == 1
     assert len(tags.find("button", id="download")) == 1
     # the summary: counts and a line per score, the extra numeric columns included
     assert "<b>24</b> training images in 3 classes" in text and "<b>5</b> flagged" in text
@@ -482,3 +483,38 @@ def test_browser_relative_images_placeholders_drop_and_reload(browser, dataset, 
 
     got, rows = download_csv(browser, tmp_path)
     assert rows[1:] == [[p, g] for i, (p, g) in enumerate(zip(t["path"], t["given"])) if i != first]
+
+
+def test_browser_another_class_from_the_list(browser, dataset, tmp_path):
+    """Neither the given label nor the suggestion: the reviewer picks a third class from the card's list."""
+    from selenium.webdriver.support.ui import Select
+
+    table = dataset[2]
+    page = write_review_page(table, CLASSES, tmp_path / "page" / "review.html")
+    browser.get(page.as_uri())
+    row = next(i for i in table.index[table["flagged"]] if table.loc[i, "given"] == "class_0")
+    other = next(c for c in CLASSES if c not in (table.loc[row, "given"], table.loc[row, "suggested"]))
+    card = f'.card[data-row="{row}"]'
+
+    click(browser, f'{card} input[value="other"]')  # no class chosen yet: nothing changes
+    assert text_of(browser, "counter") == "No changes"
+    select = click(browser, f"{card} select.other-class")  # the list fills on first use, without the given class
+    names = [o.text for o in Select(select).options]
+    assert names == ["choose…"] + [c for c in CLASSES if c != table.loc[row, "given"]]
+    Select(select).select_by_visible_text(other)
+    assert browser.find_element("css selector", f'{card} input[value="other"]').is_selected()
+    assert "is-other" in browser.find_element("css selector", card).get_attribute("class")
+    assert text_of(browser, "counter") == "1 change: 1 relabelled, 0 dropped"
+
+    assert reload_until(browser, lambda: Select(browser.find_element(
+        "css selector", f"{card} select.other-class")).first_selected_option.text == other)
+    assert browser.find_element("css selector", f'{card} input[value="other"]').is_selected()
+
+    _, rows = download_csv(browser, tmp_path)
+    expected = [[p, other if i == row else g] for i, (p, g) in enumerate(zip(table["path"], table["given"]))]
+    assert rows[1:] == expected  # exactly that one label changed, to the chosen class
+
+    click(browser, f'{card} input[value="keep"]')  # back to the given label: the list forgets the choice
+    assert text_of(browser, "counter") == "No changes"
+    assert Select(browser.find_element("css selector", f"{card} select.other-class")).first_selected_option.text \
+        == "choose…"

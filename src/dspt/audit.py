@@ -3,7 +3,9 @@
 A model tuned on some labels predicts those very labels too well (in-sample predictions are biased towards
 them, wrong ones included), so every training image is scored by prompts that never saw it: the images are
 split into K folds (stratified by given label), K runs are tuned on K-1 folds each through `dspt.train`
-(same run folders, resume, cache), and each fold is predicted by the run that left it out (cross-fitting).
+(same run folders, resume, cache; one shared table with each fold left out by --exclude, so the K runs
+train as one batch whenever their epochs take equally many steps), and each fold is predicted by the run
+that left it out (cross-fitting).
 On those out-of-sample probabilities:
 - cleanlab scores each label (`get_label_quality_scores`, normalized margin) and flags issues
   (`find_label_issues`, confident learning), a well-kept library made for the job;
@@ -67,21 +69,25 @@ def _write_fold_table(path: Path, rows: list[tuple[str, str, str]]) -> None:
 
 def _fold_configs(cfg: RunConfig, p: Any, fold: np.ndarray, folds: int, out: Path) -> list[RunConfig]:
     """One run per fold, tuned on the other folds' images with their given labels (no noise added: the labels
-    are the ones under audit), tested on the run's test split."""
+    are the ones under audit), tested on the run's test split.
+
+    Every fold reads one table (all training images with their given labels, and the test images) and leaves
+    its own images out with --exclude, so the folds share one data source and train as one batch."""
     classes = p.train.classnames
     names = out / "folds" / "classnames.txt"
     atomic_write_text(names, "".join(c + "\n" for c in classes))
     given = p.labels.given
+    train = [str(Path(x).resolve()) for x in p.train.paths]
     test = [(str(Path(x).resolve()), classes[y], "test") for x, y in zip(p.test.paths, p.test.labels)]
+    table = out / "folds" / "data.csv"
+    _write_fold_table(table, [(x, classes[given[i]], "train") for i, x in enumerate(train)] + test)
     cfgs = []
     for k in range(folds):
-        rows = [(str(Path(x).resolve()), classes[given[i]], "train") for i, x in enumerate(p.train.paths)
-                if fold[i] != k]
-        table = out / "folds" / f"fold{k}.csv"
-        _write_fold_table(table, rows + test)
+        held = out / "folds" / f"heldout{k}.txt"
+        atomic_write_text(held, "".join(x + "\n" for i, x in enumerate(train) if fold[i] == k))
         cfgs.append(replace(cfg, data=str(table), dataset="csv", root=None, test_data=None, classnames=str(names),
-                            shots=0, noise="sym", noise_rate=0.0, fp=None, noise_file=None, label_set=None,
-                            val_shots=None, output=str(out / "folds" / f"fold{k}"),
+                            exclude=str(held), shots=0, noise="sym", noise_rate=0.0, fp=None, noise_file=None,
+                            label_set=None, val_shots=None, output=str(out / "folds" / f"fold{k}"),
                             results=str(out / "folds" / "results.csv"), epochs=cfg.epochs))
     return cfgs
 

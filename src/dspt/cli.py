@@ -64,6 +64,8 @@ def add_run_options(p: argparse.ArgumentParser, defaults: RunConfig | None = Non
     g.add_argument("--classnames", help="folders: JSON {folder: name} or TXT 'folder name'; CSV: TXT one name per "
                                         "line or a JSON list")
     g.add_argument("--shots", type=_shots, default=d.shots, help="images per class (int) or 'all' (default 16)")
+    g.add_argument("--exclude", metavar="FILE",
+                   help="text file of image paths (one per line) to leave out of training, e.g. a held-out fold")
     g.add_argument("--skip-bad-images", action="store_true",
                    help="skip unreadable images: drawn shots are checked and replaced, evaluation splits checked "
                         "whole (recorded in dataset.json)")

@@ -155,6 +155,7 @@ class RunConfig:
     classnames: str | None = None
     shots: int = 16  # per class; 0 = the full training split
     skip_bad_images: bool = False
+    exclude: str | None = None  # a file of image paths (one per line) left out of training (audit folds use it)
     download: bool = False  # fetch a missing benchmark with torchvision (needs internet)
     # validation (choosing hyperparameters; never the test split)
     val_labels: str = "noisy"  # "noisy": corrupted like the training labels (what a user has); "clean"
@@ -298,6 +299,9 @@ class RunConfig:
                               "datasets, laid out as CoOp's DATASETS.md says) or set DSPT_DATA")
         if self.noise != "given" and (self.noise_file or self.label_set):
             raise ConfigError("--noise-file / --label-set hold real noisy labels; use them with --noise given")
+        if self.exclude is not None and self.noise_file:
+            raise ConfigError("--exclude cannot be combined with --noise-file (its labels are matched by position "
+                              "in the full training split); leave one of them out")
         if self.noise == "given" and self.noise_rate:
             raise ConfigError("--noise given uses the labels shipped with the data; drop --noise-rate")
         rate = self.noise_rate

@@ -3,16 +3,17 @@
 `write_review_page(table, classnames, out)` renders the audit table (one row per training image, most
 suspicious first) with Jinja2 from the package file `templates/review.html`. The page shows thumbnails of the
 suspects (the flagged rows, optionally also the `top` most suspicious), grouped by `given -> suggested` class
-pair, with their scores. Per image the reviewer keeps the label (the default), takes the suggestion or drops
-the image; a button downloads the corrected labels of EVERY row of the table as a CSV that `dspt train --data
+pair, with their scores. Per image the reviewer keeps the label (the default), takes the suggestion, picks
+another class from a list (filled when first opened, so a page of many classes stays small) or drops the
+image; a button downloads the corrected labels of EVERY row of the table as a CSV that `dspt train --data
 corrected_labels.csv` reads (dspt.data.table):
 
     path,label
     /abs/path/img1.jpg,cat
     "/abs/path/with, comma.jpg",dog
 
-`path` as in the table (absolute), `label` the given class name or, where the suggestion was taken, the suggested
-one; dropped images are left out; fields with a comma, a quote or a line break are quoted as RFC 4180 says.
+`path` as in the table (absolute), `label` the given class name, or the suggested or chosen one where the reviewer
+changed it; dropped images are left out; fields with a comma, a quote or a line break are quoted as RFC 4180 says.
 
 Nothing is fetched from anywhere: CSS and JS are inline, thumbnails are embedded as base64 JPEG (`embed=True`)
 or referenced by paths relative to the page's folder (`embed=False`). An image that cannot be read becomes a

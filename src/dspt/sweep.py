@@ -407,7 +407,7 @@ def _run_local(units: list[list[Cell]], jobs: int, report: Report, start_method:
 # ---------------------------------------------------------------------------------------------------- Ray
 
 #: RunConfig fields that name files or folders (relative ones are relative to the sweep's current folder).
-_PATH_FIELDS = ("data", "test_data", "root", "classnames", "noise_file", "checkpoint", "output", "results",
+_PATH_FIELDS = ("data", "test_data", "root", "classnames", "exclude", "noise_file", "checkpoint", "output", "results",
                 "cache_dir")
 
 

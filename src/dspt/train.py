@@ -142,6 +142,33 @@ def _drop_bad(ds: ImageDataset, skip: bool, what: str) -> tuple[ImageDataset, li
     return ds.subset([i for i, p in enumerate(ds.paths) if p not in bad]), sorted(bad)
 
 
+def exclude_images(ds: ImageDataset, file: str) -> tuple[ImageDataset, int]:
+    """The training pool without the images listed in `file` (one path per line; relative paths are resolved
+    against the file's folder; blank lines and lines starting with '#' are ignored), and how many were left out.
+
+    Cross-fitting trains each fold on one shared table minus its held-out images, so the folds can train as one
+    batch; a listed path that is not in the pool is named, never silently ignored."""
+    listed = Path(file).expanduser()
+    try:
+        text = listed.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"--exclude '{file}' cannot be read ({exc.strerror or exc}); pass a text file with one "
+                          "image path per line") from None
+    base = listed.resolve().parent
+    lines = [ln.strip() for ln in text.splitlines()]
+    drop = {os.path.normpath(os.path.join(base, os.path.expanduser(ln)))
+            for ln in lines if ln and not ln.startswith("#")}
+    pool = [os.path.normpath(os.path.abspath(p)) for p in ds.paths]
+    unknown = drop - set(pool)
+    if unknown:
+        raise ConfigError(f"--exclude '{file}' lists {len(unknown)} image(s) not in the training split, e.g. "
+                          f"'{sorted(unknown)[0]}'; list paths exactly as the data names them")
+    keep = [i for i, p in enumerate(pool) if p not in drop]
+    if not keep:
+        raise ConfigError(f"--exclude '{file}' leaves no training image; exclude fewer images")
+    return ds.subset(keep), len(ds) - len(keep)
+
+
 def load_splits(cfg: RunConfig) -> DataSplits:
     """The dataset's splits. A test split carved out of the data uses `split_seed`, never the run seed, so
     every seed of a comparison is tested on the same images."""
@@ -211,9 +238,10 @@ def prepare(cfg: RunConfig, run_dir: Path | None = None, backbone: Backbone | No
     seeds = stream_seeds(cfg.seed)
     splits = load_splits(cfg) if splits is None else splits
     test, bad_test = _drop_bad(splits.test, cfg.skip_bad_images, "test")
+    pool, excluded = (splits.train, 0) if cfg.exclude is None else exclude_images(splits.train, cfg.exclude)
     # K-shot subset (symflip/pairflip pick false positives into it; `given` samples by the shipped labels);
     # with --skip-bad-images only the drawn images are decoded, and a bad one is replaced
-    sel = select_training(splits.train, cfg.shots, seeds["shots"], cfg.noise, fp=cfg.fp or 0,
+    sel = select_training(pool, cfg.shots, seeds["shots"], cfg.noise, fp=cfg.fp or 0,
                           noise_file=cfg.noise_file, label_set=cfg.label_set, cache_dir=cfg.cache_dir,
                           skip_bad=cfg.skip_bad_images)
     train, idx = sel.train, sel.indices
@@ -252,7 +280,8 @@ def prepare(cfg: RunConfig, run_dir: Path | None = None, backbone: Backbone | No
             val_labels.save(run_dir / "val_noisy_labels.csv")
             atomic_write_text(run_dir / "val_files.csv", csv_text(["path", "true", "given"], zip(
                 val.paths, val_labels.true.tolist(), val_labels.given.tolist())))
-        atomic_write_json(run_dir / "dataset.json", sel.info | {"skipped_evaluation_images": skipped,
+        atomic_write_json(run_dir / "dataset.json", sel.info | {"excluded_training_images": excluded,
+                                                                  "skipped_evaluation_images": skipped,
                                                                   "seeds": seeds, "split_seed": cfg.split_seed,
                                                                   "validation": val_info})
 
@@ -522,11 +551,19 @@ def _train_group(group: list[_Run]) -> None:
                     log.info("%d runs share a backbone; %d at a time fit in half the free memory", len(group), cap)
         by_start: dict[tuple, list[_Run]] = {}
         for run in chunk:
-            by_start.setdefault((run.start, len(run.p.train), run.p.train_feats.shape[0]), []).append(run)
+            by_start.setdefault((run.start, _step_plan(len(run.p.train), run.cfg.batch_size),
+                                 run.p.train_feats.shape[0]), []).append(run)
         for batch in by_start.values():
             _fit(batch)
         for run in chunk:
             run.p = None  # frees its features before the next batch is prepared
+
+
+def _step_plan(n: int, batch_size: int) -> tuple[str, int]:
+    """How an epoch over n training samples steps: ("steps", n // batch_size) minibatches of batch_size (the
+    rest of the shuffled order is dropped), or ("all", n), one full batch when n < batch_size. Runs with equal
+    plans can share every step even when their training sets differ in size (cross-fitting folds)."""
+    return ("steps", n // batch_size) if n >= batch_size else ("all", n)
 
 
 def _setup(run: _Run, shared: dict[str, Any]) -> None:
@@ -597,7 +634,7 @@ def _fit(batch: list[_Run]) -> None:
     a slot of the batched model, with the run's learning rate, and the run's method turns the slots' logits
     into the run's loss."""
     p0, cfg0 = batch[0].p, batch[0].cfg
-    dev, n = p0.backbone.device, len(p0.train)
+    dev, ns = p0.backbone.device, [len(run.p.train) for run in batch]
     slots: list[list[int]] = []
     for run in batch:
         first = sum(len(x) for x in slots)
@@ -624,12 +661,15 @@ def _fit(batch: list[_Run]) -> None:
                 torch.cuda.set_rng_state_all(list(ckpt["cuda_rng"]))
             if ckpt["scaler"] and scaler.is_enabled():
                 scaler.load_state_dict(ckpt["scaler"])
-    given = torch.stack([torch.as_tensor(run.p.labels.given, device=dev) for run in batch])  # [R, N]
+    given = [torch.as_tensor(run.p.labels.given, device=dev) for run in batch]  # per run: [N_run]
     reference = _ReferenceBatches(p0) if cfg0.path == "reference" else None
     views = [run.p.train_feats.shape[0] - 1 for run in batch]
     batch_size = cfg0.batch_size
-    drop_last = n >= batch_size
-    steps = n // batch_size if drop_last else 1
+    plan = {_step_plan(n, batch_size) for n in ns}
+    if len(plan) != 1:
+        raise RuntimeError(f"a batch mixes step plans {sorted(plan)}; please report this as a dspt bug")
+    drop_last = plan.pop()[0] == "steps"
+    steps = ns[0] // batch_size if drop_last else 1
     start, epochs = batch[0].start, cfg0.epochs
     t_train = time.perf_counter()
     label = f"{cfg0.loss} {cfg0.noise}{cfg0.noise_rate:g}" if len(batch) == 1 else f"{len(batch)} runs"
@@ -646,9 +686,9 @@ def _fit(batch: list[_Run]) -> None:
         order, view, mgen = [], [], []
         for k, run in enumerate(batch):
             gen = epoch_generator(run.p.seeds["epochs"], epoch)
-            order.append(torch.randperm(n, generator=gen))
-            view.append(torch.randint(1, views[k] + 1, (n,), generator=gen) if views[k] > 0
-                        else torch.zeros(n, dtype=torch.long))
+            order.append(torch.randperm(ns[k], generator=gen))
+            view.append(torch.randint(1, views[k] + 1, (ns[k],), generator=gen) if views[k] > 0
+                        else torch.zeros(ns[k], dtype=torch.long))
             run.gen = gen
             mgen.append(method_generator(run.p.seeds["epochs"], epoch))
         if not all(plain):
@@ -679,7 +719,7 @@ def _fit(batch: list[_Run]) -> None:
             for k, run in enumerate(batch):
                 if run.error is not None:
                     continue
-                y = given[k, idx[k].to(dev)]
+                y = given[k][idx[k].to(dev)]
                 if plain[k]:
                     loss = run.loss_fn(logits[slots[k][0]], y)
                 else:
@@ -723,7 +763,7 @@ def _fit(batch: list[_Run]) -> None:
             with torch.no_grad():
                 for j, slot in enumerate(slots[k]):
                     run.learners[j].ctx.copy_(model.ctx[slot])
-            _finish(run, train_seconds)
+            _finish(run, train_seconds, len(batch))
         except BaseException as exc:  # noqa: BLE001
             _fail(run, exc)
 
@@ -753,12 +793,14 @@ def _end_epoch(run: _Run, epoch: int, ctx: torch.Tensor, momentum: torch.Tensor,
     run.last_saved, run.last_test_acc = epoch, record["test_acc"]
 
 
-def _finish(run: _Run, train_seconds: float) -> None:
-    """Evaluate the run's final prompt and write its prompt, metrics (last: they mark it finished) and row."""
+def _finish(run: _Run, train_seconds: float, batch_runs: int = 1) -> None:
+    """Evaluate the run's final prompt and write its prompt, metrics (last: they mark it finished) and row.
+    `train_seconds` is the wall time of the batch the run trained in, `batch_runs` how many runs it held."""
     p, cfg, run_dir = run.p, run.cfg, run.run_dir
     log_path = run_dir / "log.jsonl"
     metrics = evaluate(p, _classifier(run), run.zs_pred, run.ctx0, run.init_cos)
     metrics["seconds"] = {"cache": p.cache["seconds"], "train": train_seconds}
+    metrics["batch_runs"] = batch_runs
     metrics["lr"], metrics["method"] = run.lr, cfg.method  # the base rate used (the loss's default when lr none)
     metrics["cache_hit"] = {"train": p.cache["train_hit"], "test": p.cache["test_hit"]}
     epochs_log = [r for r in read_jsonl(log_path) if r.get("event") == "epoch"]
