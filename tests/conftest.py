@@ -9,6 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+#: the `browser` fixture (headless Chromium) of tests/browser.py, for the review page's and the report's tests
+pytest_plugins = ("browser",)
+
 
 @pytest.fixture(scope="session", autouse=True)
 def offline_one_thread():

@@ -223,6 +223,9 @@ def test_training_sets_of_different_sizes_batch_when_their_epochs_take_equal_ste
     outcome = dict(zip(cfgs, train_batch(list(cfgs.values()))))
     assert all(status == "ok" for status, _ in outcome.values())
     assert {n: m["batch_runs"] for n, (_, m) in outcome.items()} == {30: 3, 29: 3, 28: 3, 27: 1}
+    for _, m in outcome.values():  # a run's training time is its share of its batch's wall time
+        assert m["seconds"]["train"] == pytest.approx(m["seconds"]["batch"] / m["batch_runs"], rel=1e-12)
+    assert len({m["seconds"]["batch"] for n, (_, m) in outcome.items() if n != 27}) == 1
     for n, gone in dropped.items():
         run_b = tmp_path / "b" / f"n{n}"
         trained = [r["path"] for r in csv.DictReader((run_b / "train_files.csv").open())]

@@ -275,27 +275,19 @@ def test_generic_noisy_list_and_given_errors(tmp_path):
 
 
 def test_food101n_layout(tmp_path):
-    n = tmp_path / "Food-101N_release"
-    (n / "meta").mkdir(parents=True)
-    classes = ["apple_pie", "waffles"]
-    (n / "meta" / "classes.txt").write_text("class_name\n" + "\n".join(classes) + "\n")
-    rels = [f"{c}/{i:03d}.jpg" for c in classes for i in range(4)]
-    for k, rel in enumerate(rels):
-        write_jpeg(n / "images" / rel, seed=k)
-    (n / "meta" / "imagelist.tsv").write_text("class_name/key\n" + "\n".join(rels) + "\n")
-    (n / "meta" / "verified_train.tsv").write_text("class_name/key\tverification_label\n"
-                                                     f"{rels[0]}\t1\n{rels[1]}\t0\n{rels[4]}\t1\n{rels[5]}\t1\n")
-    (n / "meta" / "verified_val.tsv").write_text("class_name/key\tverification_label\n"
-                                                   f"{rels[2]}\t1\n{rels[6]}\t0\n")
+    from test_food101n import make_food101n_tree
+
+    lists = {"verified_train": [("apple_pie/000.jpg", 1), ("apple_pie/001.jpg", 0), ("waffles/000.jpg", 1),
+                                ("waffles/001.jpg", 1)],
+             "verified_val": [("apple_pie/002.jpg", 1), ("waffles/002.jpg", 0)]}
+    rels = make_food101n_tree(tmp_path, food101=False, **lists)
     with pytest.raises(DataError, match="tested on Food-101's test images.*food-101"):
         load_food101n(tmp_path)
-    f = tmp_path / "food-101"
-    (f / "meta").mkdir(parents=True)
-    for c in classes:
-        write_jpeg(f / "images" / c / "9.jpg")
-    (f / "meta" / "test.txt").write_text("apple_pie/9\nwaffles/9\n")
+    make_food101n_tree(tmp_path, **lists)
     s = load_data("food101n", root=tmp_path)
-    assert s.classnames == ["apple pie", "waffles"] and (len(s.train), len(s.val), len(s.test)) == (8, 1, 2)
+    # the one verified validation image is also in imagelist.tsv: it is left out of training
+    assert s.classnames == ["apple pie", "waffles"] and (len(s.train), len(s.val), len(s.test)) == (7, 1, 2)
+    assert len(rels) == 8 and s.train.meta["removed_validation_images"] == 1
     assert s.train.meta["labels_are_noisy"] and s.train.meta["verified_noise_rate"] == 0.25
     assert s.train.template == "a photo of {}, a type of food."
     sel = select_training(s.train, 2, 1, "given", cache_dir=tmp_path / "cache")

@@ -2,6 +2,7 @@
 the run's own classifier's probabilities (softmax(logit_scale * normalised image features @ text features.T))."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import shutil
@@ -9,6 +10,7 @@ import struct
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -18,7 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import dspt
-from dspt.backbone import file_sha256, load_backbone
+from dspt.backbone import Backbone, file_sha256, load_backbone
 from dspt.config import RunConfig
 from dspt.errors import BackboneError, ConfigError
 from dspt.export import (FORMAT, ExportedClassifier, OnnxClassifier, collect_images, export_run, load_classifier,
@@ -331,3 +333,110 @@ def test_predict_writes_the_same_predictions_from_a_run_and_its_export(world, ki
     assert all(abs(float(a["confidence"]) - float(b["confidence"])) <= 1e-4 for a, b in zip(rows, run))
     assert [[t.split(":")[0] for t in (r["top1"], r["top2"])] for r in rows] == \
            [[t.split(":")[0] for t in (r["top1"], r["top2"])] for r in run]
+
+
+# -- precision: a run that computed in bf16 ------------------------------------------------------------------
+# Backbone.autocast autocasts on a GPU only (on the CPU a bf16 run computes in fp32). These tests simulate a GPU
+# bf16 run on the CPU: the backbone's rule is patched to autocast there, for the run and for the export alike.
+
+
+def _cpu_autocast(self):
+    if self.precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast("cpu", dtype=torch.bfloat16 if self.precision == "bf16" else torch.float16)
+
+
+@pytest.fixture
+def gpu_like(monkeypatch):
+    monkeypatch.setattr(Backbone, "autocast", _cpu_autocast)
+
+
+@pytest.fixture(scope="module")
+def bf16_world(world, tmp_path_factory) -> dict[str, Any]:
+    """A bf16 run with 360 test images in 12 classes (two per colour: near ties, so bf16 and fp32 disagree on a
+    few), and the run's own test predictions computed here the way the run computed them."""
+    root = tmp_path_factory.mktemp("export_bf16")
+    data = make_split_folders(root / "imgs", classes=12, train=6, test=30)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Backbone, "autocast", _cpu_autocast)
+        run = _train(root, data, "run", pretrained=None, checkpoint=str(world["ckpt"]), precision="bf16")
+        clf = load_prompt(run)
+        clf.backbone.precision = "bf16"
+        paths = collect_images([data / "test"])
+        batch = torch.stack([clf.backbone.test_transform()(Image.open(p).convert("RGB")) for p in paths])
+        with torch.no_grad():
+            text = clf.text_features()
+            probs = (clf.backbone.logit_scale * clf.backbone.encode_images(batch) @ text.t()).softmax(-1).numpy()
+    labels = np.array([clf.learner.classnames.index(Path(p).parent.name.replace("_", " ")) for p in paths])
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert 100 * float((probs.argmax(1) == labels).mean()) == pytest.approx(metrics["test_acc"], abs=1e-9), \
+        "the reference is the run's own classifier: it has the run's recorded test accuracy"
+    return {"root": root, "run": run, "test": str(data / "test"), "paths": paths, "batch": batch.numpy(),
+            "probs": probs, "labels": labels}
+
+
+def test_a_bf16_runs_export_computes_as_the_run_did(world, bf16_world, gpu_like, tmp_path):
+    meta = export_run(bf16_world["run"], tmp_path / "bf16.safetensors")
+    assert meta["precision"] == {"run": "bf16", "run_device": "cpu", "run_computed": "bf16",
+                                 "text_features": "bf16", "images": "bf16"}  # kept: nothing to say
+    clf = load_classifier(tmp_path / "bf16.safetensors")
+    assert clf.precision == "bf16"
+    probs = clf.probabilities(bf16_world["test"], batch_size=64)
+    ref = bf16_world["probs"]
+    diff = float(np.abs(probs - ref).max())
+    print(f"bf16 export: max |prob diff| {diff:.3g}")
+    assert diff < TOL and (probs.argmax(1) == ref.argmax(1)).all()
+    # an fp32 run's export records fp32 and changes nothing
+    fp32 = dspt.export.read_metadata(world["file"])["precision"]
+    assert fp32 == {"run": "fp32", "run_device": "cpu", "run_computed": "fp32", "text_features": "fp32",
+                    "images": "fp32"}
+
+
+def test_the_fp32_onnx_export_of_a_bf16_run_counts_the_predictions_it_changes(bf16_world, gpu_like, tmp_path):
+    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (pip install 'dspt[export]')")
+    pytest.importorskip("onnxscript", reason="onnxscript is not installed (pip install 'dspt[export]')")
+    import onnxruntime as ort
+
+    out = tmp_path / "bf16.onnx"
+    code, stdout, stderr = run_cli(["export", str(bf16_world["run"]), "-o", str(out)])
+    assert code == 0, stderr
+    # independently: the ONNX model (onnxruntime) on the run's test images against the run's own predictions
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    (onnx_probs,) = session.run(["probabilities"], {"images": bf16_world["batch"]})
+    run_pred = bf16_world["probs"].argmax(1)
+    differ = int((onnx_probs.argmax(1) != run_pred).sum())
+    n = len(bf16_world["paths"])
+    print(f"bf16 run, fp32 ONNX: {differ} of {n} test predictions differ")
+    assert differ > 0, "the data is built so that some predictions differ; else this test proves nothing"
+    line = f"export: the run used bf16; this ONNX export computes in fp32; {differ} of {n} test predictions differ"
+    assert [ln for ln in stderr.splitlines() if ln.startswith("export:")] == [line]
+    assert stdout.startswith(f"wrote {out} and ")
+    meta = json.loads(sidecar_path(out).read_text())
+    assert meta["precision"]["images"] == "fp32" and meta["precision"]["note"] == line
+    cmp = meta["precision"]["test_predictions"]
+    assert (cmp["compared"], cmp["differ"], cmp["run_features"]) == (n, differ, "feature cache")
+    assert cmp["differing_images"] == [p for p, a, b in zip(bf16_world["paths"], onnx_probs.argmax(1), run_pred)
+                                       if a != b]
+
+
+def test_a_gpu_runs_export_made_on_the_cpu_says_what_changed(bf16_world, tmp_path, caplog):
+    """No patch: the backbone's real rule. A copy of the run that records a GPU: the CPU cannot compute in bf16."""
+    run = tmp_path / "gpu_run"
+    shutil.copytree(bf16_world["run"], run)
+    env = json.loads((run / "environment.json").read_text())
+    (run / "environment.json").write_text(json.dumps(env | {"device": "cuda:0"}))
+    code, _, stderr = run_cli(["export", str(run), "-o", str(tmp_path / "gpu.safetensors")])
+    assert code == 0, stderr
+    line = ("export: the run used bf16; this export's text features were computed in fp32 on cpu; its test "
+            "predictions were not compared with the run's (export on a GPU, --device cuda, to keep bf16)")
+    assert [ln for ln in stderr.splitlines() if ln.startswith("export:")] == [line]
+    meta = dspt.export.read_metadata(tmp_path / "gpu.safetensors")
+    assert meta["precision"]["run_computed"] == meta["precision"]["images"] == "bf16"
+    assert meta["precision"]["text_features"] == "fp32"
+    assert meta["precision"]["test_predictions"]["differ"] is None
+    with caplog.at_level("WARNING", logger="dspt"):
+        clf = load_classifier(tmp_path / "gpu.safetensors")
+    warned = [r.getMessage() for r in caplog.records if "computes in fp32" in r.getMessage()]
+    assert len(warned) == 1 and "its run computed in bf16 on a GPU; on cpu this classifier computes in fp32" \
+        in warned[0] and "\n" not in warned[0]
+    assert clf.probabilities(bf16_world["paths"][:2]).shape == (2, 12)

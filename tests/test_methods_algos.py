@@ -21,7 +21,7 @@ from dspt.methods import METHODS, EpochView, check_method, get_method
 # importing the modules registers "coteaching", "joapr" and "nlprompt"
 from dspt.methods.coteaching import CoTeaching, forget_rate_at, keep_count
 from dspt.methods.joapr import JoAPR, gaussian_crossing, mix_draw, partition, sharpen
-from dspt.methods.nlprompt import NLPrompt, prompt_ot
+from dspt.methods.nlprompt import NLPrompt, SinkhornWarning, prompt_ot
 
 C, E, N, SCALE, FLIP = 5, 16, 400, 100.0, 0.3
 
@@ -73,7 +73,7 @@ def test_methods_register_with_summary_paper_and_learners():
 
 
 def test_defaults_list_every_hyperparameter():
-    assert NLPrompt.defaults() == {"reg": 0.01, "cost": "logp"}
+    assert NLPrompt.defaults() == {"reg": 0.01, "cost": "prob"}  # the authors' regime (test_methods_details)
     assert JoAPR.defaults() == {"warmup": 1, "warmup_penalty": 0.5, "mix_alpha": 0.001, "temperature": 0.5,
                                 "prior_penalty": 0.5}
     assert CoTeaching.defaults() == {"forget_rate": 0.2, "t_k": 10}
@@ -126,13 +126,15 @@ def test_nlprompt_ot_finds_the_planted_flips():
 
 def test_nlprompt_plan_has_uniform_marginals_and_the_code_cost_agrees():
     d = synthetic()  # every image nearest its own class: the plan converges
-    plan, pseudo, err = prompt_ot(d["img"], d["text"], SCALE, reg=0.01, cost="logp")
+    plan, pseudo, err = prompt_ot(d["img"], d["text"], SCALE)  # the default: cost "prob", reg 0.01
     assert plan.dtype == torch.float64 and plan.shape == (N, C) and err < 1e-5
     assert torch.allclose(plan.sum(1), torch.full((N,), 1 / N, dtype=torch.float64), atol=1e-6)
     assert torch.allclose(plan.sum(0), torch.full((C,), 1 / C, dtype=torch.float64), atol=1e-5)
     assert torch.equal(pseudo, plan.argmax(1))
     # harder: some images nearer another class; 1000 Sinkhorn iterations (the authors' cap) leave the
-    # class marginals a little off (reported as ot_error), and both costs still find the flips
+    # class marginals a little off (reported as ot_error: measured 1.5e-2 for logp, 1.1e-2 for prob: this
+    # toy's logits, 100 * cosines with gaps of ~0.4, are far more confident than CLIP's), and both costs
+    # still find the flips
     d = synthetic(spread=0.3)
     _, pseudo, err = prompt_ot(d["img"], d["text"], SCALE, reg=0.01, cost="logp")
     _, pseudo_prob, err_prob = prompt_ot(d["img"], d["text"], SCALE, reg=0.01, cost="prob")
@@ -147,8 +149,10 @@ def test_nlprompt_plan_has_uniform_marginals_and_the_code_cost_agrees():
 def test_nlprompt_is_deterministic():
     d = synthetic(spread=0.3)
     a, b = NLPrompt(get_loss("ce"), C, N), NLPrompt(get_loss("ce"), C, N)
-    a.begin_epoch(view_of(d, seed=1))
-    b.begin_epoch(view_of(d, seed=2))  # no randomness: the generator does not matter
+    with pytest.warns(SinkhornWarning):  # this toy stops at 1.1e-2 (see above): each run warns once
+        a.begin_epoch(view_of(d, seed=1))
+    with pytest.warns(SinkhornWarning):
+        b.begin_epoch(view_of(d, seed=2))  # no randomness: the generator does not matter
     assert torch.equal(a.pseudo, b.pseudo) and torch.equal(a.noisy, b.noisy)
     assert a.epoch_log() == b.epoch_log()
 

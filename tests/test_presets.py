@@ -72,7 +72,8 @@ def test_every_preset_expands_to_its_formula_with_valid_configs(name, tmp_path, 
         cfg = cell.config
         assert (cfg.model, cfg.pretrained, cfg.shots, cfg.epochs) == (want["model"], "openai", 16, want["epochs"])
         assert (cfg.n_ctx, cfg.ctx_init, cfg.class_token_position, cfg.csc) == (16, None, "end", False)
-        assert (cfg.lr, cfg.batch_size) == (0.002, 32)
+        # the source papers' rate for the losses they ran (CoOp's CE, PTNL's GCE), the matched default otherwise
+        assert (cfg.lr, cfg.batch_size) == (0.002 if cfg.loss in ("ce", "gce") else None, 32)
         if cfg.noise in ("symflip", "pairflip"):
             assert cfg.noise_rate == cfg.fp / 16
         assert cell.name.startswith(f"dataset={cfg.dataset},noise={cfg.noise}")
@@ -137,6 +138,28 @@ def test_set_overrides_every_cell_and_selects_noise_settings(tmp_path):
     # values are coerced like the command line's: 'none', 'all', numbers in text
     spec = preset_spec("ptnl", datasets=["dtd"], root=root, overrides={"pretrained": "none", "lr": "2e-3"})
     assert spec["pretrained"] is None and spec["lr"] == 0.002
+
+
+def test_a_preset_keeps_paper_rates_and_gives_other_losses_their_matched_default(tmp_path):
+    from dspt.losses import matched_lr
+
+    root = str(tmp_path)
+    cells = expand(preset_spec("ptnl", datasets=["dtd"], root=root, overrides={"loss": ["ce", "gce", "dspt", "mae"],
+                                                                                "seed": "1", "fp": "2"}))
+    rates = {c.config.loss: c.config.lr for c in cells}
+    assert rates == {"ce": 0.002, "gce": 0.002, "dspt": None, "mae": None}
+    # None is the loss's matched default: DSPT's first step equals CE's at 0.002 x classes (47 DTD classes)
+    assert matched_lr("dspt", 47) == pytest.approx(0.002 * 47)
+    # --set lr sets every cell's rate, the paper's losses included (choose among them on validation data)
+    grid = expand(preset_spec("ptnl", datasets=["dtd"], root=root, overrides={"loss": ["ce", "dspt"], "seed": "1",
+                                                                               "fp": "2", "lr": ["0.002", "0.02"]}))
+    assert sorted((c.config.loss, c.config.lr) for c in grid) == [("ce", 0.002), ("ce", 0.02), ("dspt", 0.002),
+                                                                  ("dspt", 0.02)]
+    # a grid file's lr_by_loss is checked like any option
+    with pytest.raises(ConfigError, match="lr_by_loss: unknown loss 'nope'"):
+        expand({"output": str(tmp_path / "o"), "data": root, "loss": ["ce"], "lr_by_loss": {"nope": 0.1}})
+    with pytest.raises(ConfigError, match="lr_by_loss"):
+        expand({"output": str(tmp_path / "o"), "data": root, "loss": ["ce"], "lr_by_loss": {"ce": "fast"}})
 
 
 BAD_NARROWING = [
@@ -234,7 +257,8 @@ def test_presets_command_lists_every_preset(monkeypatch):
     for name, preset in PRESETS.items():
         assert f"{name}: {count_runs(preset_spec(name))} runs into sweeps/{name}/" in out
         assert preset.description in out
-    for word in ("models:", "datasets:", "noise:", "seeds:", "source:", "RN50 (openai)", "ViT-B-16 (openai)",
+    for word in ("models:", "datasets:", "noise:", "seeds:", "source:", "lr:", "ce and gce at 0.002",
+                 "every other loss at its matched default", "RN50 (openai)", "ViT-B-16 (openai)",
                  "symflip/pairflip FP 2,4,6,8,10,12", "sym/pair rate 0.125", "given on food101n", "1, 2, 3"):
         assert word in out, word
     assert f"ptnl: {2 * 4 * 6 * 3} runs" in out
@@ -305,3 +329,15 @@ def test_a_two_run_slice_of_a_preset_runs_end_to_end(tmp_path):
         assert metrics["noise"]["realised_rate"] == 0.5  # 2 false positives of 4 shots per class
     table = pd.read_csv(out / "results.csv")
     assert sorted(table["run_id"]) == sorted(str((out / run).resolve()) for run in runs)
+    # 6 validation images per class leave room for 3 per class: 2 false positives of 3 (67 %), not 50 %, and said
+    assert table["val_realised_rate"].tolist() == pytest.approx([2 / 3, 2 / 3])
+    assert all(w.startswith("2 false positive(s) in 3 validation images per class") for w in table["val_why"])
+    lrs = dict(zip(table["loss"], table["lr"]))
+    assert lrs == {"ce": 0.002, "dspt": pytest.approx(0.002 * 3)}  # CoOp's rate; DSPT's matched one (3 classes)
+    note = json.loads((out / "preset.json").read_text())
+    assert note["name"] == "joapr" and "ce and gce at 0.002" in note["lr_rule"] and note["runs"] == 2
+    code, stdout, err = run_cli(["report", str(out), "--no-plots"])
+    assert code == 0, err
+    assert "preset 'joapr': learning rate: ce and gce at 0.002" in stdout
+    assert "one learning rate per method, fixed by the grid and not chosen: ce 0.002, dspt 0.006" in stdout
+    assert "| dtd | symflip 50% | noisy | 66.7 % | 2 false positive(s) in 3 validation images per class" in stdout

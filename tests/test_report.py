@@ -79,6 +79,16 @@ def test_means_stds_intervals_and_verdicts_match_an_independent_recomputation(tm
             assert math.isnan(row["std"])  # one seed: no spread, not a spread of 0
     comp = rep.comparison.set_index(["dataset", "noise_rate"])
     assert set(comp.index) == {("a", 0.0), ("a", 0.4), ("b", 0.0)}  # b/0.4 has no dspt, so no pair
+    # Holm by hand over the table's family (one protocol and noise type: all three pairs with two seeds or more)
+    pvals = {}
+    for key in comp.index:
+        d = (want[key + ("dspt",)]["acc"] - want[key + ("ce",)]["acc"]).dropna()
+        if len(d) > 1:
+            pvals[key] = stats.ttest_1samp(d.to_numpy(), 0.0).pvalue
+    m, holm, running = len(pvals), {}, 0.0
+    for i, (key, pv) in enumerate(sorted(pvals.items(), key=lambda kv: kv[1])):
+        running = max(running, min(1.0, (m - i) * pv))
+        holm[key] = running
     for key in comp.index:
         d = (want[key + ("dspt",)]["acc"] - want[key + ("ce",)]["acc"]).dropna()
         row = comp.loc[key]
@@ -90,8 +100,13 @@ def test_means_stds_intervals_and_verdicts_match_an_independent_recomputation(tm
             continue
         ci = stats.ttest_1samp(d.to_numpy(), 0.0).confidence_interval(0.95)
         assert (row["lo"], row["hi"]) == pytest.approx((ci.low, ci.high), abs=1e-9)
-        expect = "ahead" if ci.low > 0 else "behind" if ci.high < 0 else "no clear difference"
+        assert row["p"] == pytest.approx(pvals[key], rel=1e-9) and row["p_adj"] == pytest.approx(holm[key], rel=1e-9)
+        clear = holm[key] < 0.05
+        expect = "no clear difference" if not clear else "ahead" if ci.low > 0 else "behind"
         assert row["verdict"] == expect
+        unadjusted = build_report(load_runs([path]), multiplicity="none").comparison.set_index(
+            ["dataset", "noise_rate"]).loc[key]
+        assert unadjusted["verdict"] == ("ahead" if ci.low > 0 else "behind" if ci.high < 0 else "no clear difference")
     best = rep.stats[rep.stats["best"]]
     for (dataset, rate), grp in rep.stats.groupby(["dataset", "noise_rate"]):
         top = grp.loc[grp["mean"].idxmax(), "method"]
@@ -115,7 +130,7 @@ def test_missing_and_one_seed_cells_are_listed_never_dropped(tmp_path):
     a, b = (rep.stats.set_index(["dataset", "noise_rate", "method"]).loc[(d, 0.4, "ce"), "mean"] for d in "ab")
     assert avg[(0.4, "ce")] == pytest.approx((a + b) / 2)
     md = (report([path], tmp_path / "rep", plots=False)[1]["report.md"]).read_text()
-    assert "| b | 30.0 |" in md and "missing" in md and "1 of 3 seeds" in md
+    assert "| b | sym 0% | 30.0 |" in md and "missing" in md and "1 of 3 seeds" in md
 
 
 def test_selection_never_reads_test_columns(tmp_path):

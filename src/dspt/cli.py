@@ -294,6 +294,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         for cell in list_cells(grid, args.output, args.results):
             print(f"{cell.status():8s} {cell.run_dir}")
         return 0
+    if args.preset is not None:  # the report states the preset's learning-rate rule and source
+        from .io import atomic_write_json
+        from .presets import preset_note
+        from .report import PRESET_NOTE
+
+        cells = list_cells(grid, args.output, args.results)  # checks every cell before anything is written
+        folder = Path(args.output or grid["output"])
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(folder / PRESET_NOTE, preset_note(args.preset) | {"runs": len(cells)})
     # this process only validates and schedules (never computes), so its workers may be plain forks of it
     res = run_sweep(grid, output=args.output, jobs=args.jobs, backend=args.backend, results=args.results,
                     start_method="fork" if sys.platform.startswith("linux") else None, batch_runs=args.batch_runs,
@@ -319,7 +328,7 @@ def cmd_presets(args: argparse.Namespace) -> int:
               "`dspt presets NAME` prints it as a grid file to edit")
         return 0
     preset, spec = get_preset(args.preset), _preset_spec(args)
-    head = [f"{preset.name}: {preset.description}", f"source: {preset.source}",
+    head = [f"{preset.name}: {preset.description}", f"source: {preset.source}", preset.lr_rule,
             f"{count_runs(spec)} runs; run with: dspt sweep THIS.yaml --root DIR "
             f"(or: dspt sweep --preset {preset.name})"]
     print("\n".join(textwrap.fill(line, 116, initial_indent="# ", subsequent_indent="#   ") for line in head))
@@ -410,9 +419,12 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     methods = [m for m in (args.methods or "").split(",") if m.strip()]
     rep, files = report(args.stores, args.output, reference=args.reference, select=args.select,
-                        select_on=args.select_on, methods=methods or None, plots=not args.no_plots)
-    print(files["report.md"].read_text(encoding="utf-8"))
-    print(f"wrote {len(files)} files to {files['report.md'].parent}: " + ", ".join(sorted(files)))
+                        select_on=args.select_on, methods=methods or None, plots=not args.no_plots,
+                        multiplicity=args.multiplicity, bootstrap=args.bootstrap, formats=args.format)
+    shown = next((files[n] for n in ("report.md", "tables.tex") if n in files), None)
+    if shown is not None:
+        print(shown.read_text(encoding="utf-8"))
+    print(f"wrote {len(files)} files to {files['report.json'].parent}: " + ", ".join(sorted(files)))
     return 0
 
 
@@ -515,6 +527,13 @@ def build_parser() -> argparse.ArgumentParser:
                            "choice uses: the noisy ones a user has (default) or clean ones")
             p.add_argument("--methods", help="comma-separated methods to report (default: all in the stores)")
             p.add_argument("--no-plots", action="store_true", help="tables and CSV files only")
+            p.add_argument("--multiplicity", default="holm", choices=["holm", "bh", "none"], help="adjust the "
+                           "verdicts of each table for its many comparisons: holm (family-wise error, default), bh "
+                           "(Benjamini-Hochberg false-discovery rate) or none")
+            p.add_argument("--bootstrap", action="store_true", help="add a percentile bootstrap interval (10,000 "
+                           "resamples, fixed seed) beside each t-interval")
+            p.add_argument("--format", default="md,html", help="what to write besides the CSV files, a comma list "
+                           "of md, html, latex (latex: tables.tex, the paper tables in booktabs); default md,html")
         elif name == "datasets":
             p.add_argument("names", nargs="*", help="datasets to show (default: all)")
             p.add_argument("--root", help="folder holding the datasets (default: $DSPT_DATA)")

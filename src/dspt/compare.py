@@ -32,6 +32,9 @@ CELL = PROTOCOL + SETTING + ["method"]
 #: The validation column each `on=` choice reads; the test columns are never among them.
 VALIDATION = {"noisy": "val_acc_given", "clean": "val_acc"}
 CONFIDENCE = 0.95
+#: Multiplicity controls for the verdicts of one table (`adjust_pvalues`).
+MULTIPLICITY = ("holm", "bh", "none")
+BOOTSTRAP_RESAMPLES = 10_000
 
 
 def method_label(loss: str, options: object, method: str = "plain") -> str:
@@ -108,10 +111,65 @@ def t_interval(diffs: np.ndarray, confidence: float = CONFIDENCE) -> tuple[float
     return mean - half, mean + half
 
 
-def verdict(n: int, lo: float, hi: float) -> str:
-    """'ahead' or 'behind' only when the interval excludes 0; else 'no clear difference', whatever the mean."""
+def t_pvalue(diffs: np.ndarray) -> float:
+    """Two-sided p-value of the one-sample t-test of mean 0 (NaN for fewer than two values or no spread: a
+    t statistic needs a standard deviation)."""
+    n = len(diffs)
+    if n < 2 or bool(np.all(diffs == diffs[0])):
+        return math.nan
+    t = float(np.mean(diffs)) / (float(np.std(diffs, ddof=1)) / math.sqrt(n))
+    return float(2 * stats.t.sf(abs(t), n - 1))
+
+
+def bootstrap_interval(diffs: np.ndarray, confidence: float = CONFIDENCE, resamples: int = BOOTSTRAP_RESAMPLES,
+                       seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of `diffs` (`resamples` draws with replacement, a fixed seed
+    so a report is the same each time). With a handful of seeds it is narrower than the t-interval (it only
+    knows the values it saw): a second view, not a better one."""
+    n = len(diffs)
+    if n < 2:
+        return math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    means = np.asarray(diffs, dtype=float)[rng.integers(0, n, size=(resamples, n))].mean(axis=1)
+    tail = (1 - confidence) / 2 * 100
+    lo, hi = np.percentile(means, [tail, 100 - tail])
+    return float(lo), float(hi)
+
+
+def adjust_pvalues(pvalues: np.ndarray, method: str = "holm") -> np.ndarray:
+    """p-values adjusted for the multiplicity of one family of tests: `holm` (Holm's step-down: controls the
+    family-wise error rate), `bh` (Benjamini-Hochberg: controls the false-discovery rate) or `none`. NaN
+    entries (no test) stay NaN and do not count in the family's size."""
+    if method not in MULTIPLICITY:
+        raise DataError(f"--multiplicity '{method}' unknown; choose one of: {', '.join(MULTIPLICITY)}")
+    p = np.asarray(pvalues, dtype=float)
+    out = p.copy()
+    ok = np.flatnonzero(np.isfinite(p))
+    m = len(ok)
+    if method == "none" or m == 0:
+        return out
+    order = ok[np.argsort(p[ok], kind="stable")]
+    ranked = p[order]
+    if method == "holm":
+        adj = np.maximum.accumulate(np.minimum(1.0, (m - np.arange(m)) * ranked))
+    else:
+        adj = np.minimum.accumulate(np.minimum(1.0, m / np.arange(1, m + 1) * ranked)[::-1])[::-1]
+    out[order] = adj
+    return out
+
+
+def verdict(n: int, lo: float, hi: float, p_adjusted: float | None = None, spread: bool = True,
+            mean: float = math.nan, confidence: float = CONFIDENCE) -> str:
+    """'ahead' or 'behind' only when the difference is clear: the interval excludes 0 and, when a multiplicity
+    adjusted p-value is given, it is below 1 - `confidence` too; else 'no clear difference', whatever the mean.
+    Differences without spread (every seed the same) have no interval: 'identical' when they are all 0,
+    'same on every seed' otherwise (a t-interval of width 0 would read as certainty)."""
     if n < 2:
         return "too few seeds"
+    if not spread:
+        return "identical" if mean == 0 else "same on every seed"
+    if p_adjusted is not None and not p_adjusted < 1 - confidence:
+        return "no clear difference"
     if lo > 0:
         return "ahead"
     if hi < 0:
@@ -119,9 +177,42 @@ def verdict(n: int, lo: float, hi: float) -> str:
     return "no clear difference"
 
 
-def paired_differences(chosen: pd.DataFrame, reference: str) -> pd.DataFrame:
+def _pair_row(d: np.ndarray, bootstrap: bool) -> dict:
+    """The numbers of one paired comparison (differences `d`, one per seed)."""
+    lo, hi = t_interval(d)
+    spread = len(d) < 2 or not bool(np.all(d == d[0]))
+    if not spread:
+        lo = hi = math.nan
+    row = dict(n=len(d), mean=float(d.mean()), lo=lo, hi=hi, p=t_pvalue(d), wins=int((d > 0).sum()),
+               ties=int((d == 0).sum()), losses=int((d < 0).sum()), spread=spread)
+    if bootstrap:
+        row["boot_lo"], row["boot_hi"] = bootstrap_interval(d) if spread else (math.nan, math.nan)
+    return row
+
+
+def _judge(rows: pd.DataFrame, family: list[str], multiplicity: str) -> pd.DataFrame:
+    """Adjust the p-values within each family (groups of `family` columns) and give each row its verdict."""
+    rows = rows.copy()
+    rows["p_adj"] = math.nan
+    for _, grp in rows.groupby(family, sort=False, dropna=False):
+        rows.loc[grp.index, "p_adj"] = adjust_pvalues(grp["p"].to_numpy(dtype=float), multiplicity)
+    rows["verdict"] = [verdict(int(r.n), r.lo, r.hi, r.p_adj if multiplicity != "none" else None, bool(r.spread),
+                               r.mean) for r in rows.itertuples()]
+    return rows
+
+
+#: A family of tests for the multiplicity control: every comparison of one paper table.
+FAMILY = PROTOCOL + ["noise"]
+PAIR_COLUMNS = ["n", "mean", "lo", "hi", "p", "p_adj", "wins", "ties", "losses"]
+
+
+def paired_differences(chosen: pd.DataFrame, reference: str, multiplicity: str = "holm",
+                       bootstrap: bool = False) -> pd.DataFrame:
     """Each method minus `reference`, per setting, paired by seed (seeds run by only one side are left out and
-    counted in `unpaired`)."""
+    counted in `unpaired`). p-values (paired t-test) are adjusted with `multiplicity` within each paper table
+    (`FAMILY`: one protocol and noise type, every dataset, rate and method of it); `bootstrap` adds a
+    percentile bootstrap interval beside the t-interval."""
+    adjust_pvalues(np.array([]), multiplicity)  # an unknown method fails before any work
     keys = PROTOCOL + SETTING
     ref = chosen[chosen["method"] == reference][keys + ["seed", "test_acc"]].rename(columns={"test_acc": "ref"})
     rows = []
@@ -133,13 +224,38 @@ def paired_differences(chosen: pd.DataFrame, reference: str) -> pd.DataFrame:
             if paired.empty:
                 continue
             d = (paired["test_acc"] - paired["ref"]).to_numpy(dtype=float)
-            lo, hi = t_interval(d)
-            rows.append(dict(zip(keys, key), method=method, reference=reference, n=len(d), mean=float(d.mean()),
-                             lo=lo, hi=hi, wins=int((d > 0).sum()), ties=int((d == 0).sum()),
-                             losses=int((d < 0).sum()), unpaired=int((grp["_merge"] != "both").sum()),
-                             verdict=verdict(len(d), lo, hi)))
-    cols = keys + ["method", "reference", "n", "mean", "lo", "hi", "wins", "ties", "losses", "unpaired", "verdict"]
-    return pd.DataFrame(rows, columns=cols)
+            rows.append(dict(zip(keys, key), method=method, reference=reference, **_pair_row(d, bootstrap),
+                             unpaired=int((grp["_merge"] != "both").sum())))
+    cols = keys + ["method", "reference"] + PAIR_COLUMNS + ["unpaired", "verdict"] + (
+        ["boot_lo", "boot_hi"] if bootstrap else [])
+    if not rows:
+        return pd.DataFrame(columns=cols)
+    return _judge(pd.DataFrame(rows), FAMILY, multiplicity)[cols]
+
+
+def versus_best(chosen: pd.DataFrame, stats_: pd.DataFrame, multiplicity: str = "holm") -> pd.DataFrame:
+    """Per setting, every other method minus the setting's best method (highest mean; the first by name on a
+    tie), paired by seed: which methods are not clearly different from the best. p-values are adjusted within
+    the same family as the paired comparison (`FAMILY`: one paper table), so the two never disagree on a pair."""
+    keys = PROTOCOL + SETTING
+    rows = []
+    for key, st in stats_.groupby(keys, sort=True):
+        best = st.sort_values(["mean", "method"], ascending=[False, True]).iloc[0]["method"]
+        sel = chosen
+        for col, val in zip(keys, key):
+            sel = sel[sel[col] == val]
+        top = sel[sel["method"] == best].set_index("seed")["test_acc"]
+        for method in sorted(set(st["method"]) - {best}):
+            other = sel[sel["method"] == method].set_index("seed")["test_acc"]
+            common = top.index.intersection(other.index)
+            d = (other.loc[common] - top.loc[common]).to_numpy(dtype=float)
+            row = _pair_row(d, False) if len(d) else dict(n=0, mean=math.nan, lo=math.nan, hi=math.nan, p=math.nan,
+                                                          wins=0, ties=0, losses=0, spread=True)
+            rows.append(dict(zip(keys, key), best=best, method=method, **row))
+    cols = keys + ["best", "method"] + PAIR_COLUMNS + ["verdict"]
+    if not rows:
+        return pd.DataFrame(columns=cols)
+    return _judge(pd.DataFrame(rows), FAMILY, multiplicity)[cols]
 
 
 def robustness(runs: pd.DataFrame) -> pd.DataFrame:

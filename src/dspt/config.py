@@ -310,12 +310,13 @@ class RunConfig:
         if self.noise not in NOISE_TYPES:
             raise ConfigError(f"unknown noise type '{self.noise}'; choose one of: {', '.join(sorted(NOISE_TYPES))}")
         try:
-            get_loss(self.loss, **self.loss_options)
+            loss_name = getattr(get_loss(self.loss, **self.loss_options), "name", self.loss)
         except (ValueError, TypeError) as exc:
             raise ConfigError(str(exc)) from None
-        from .methods import check_method
+        from .methods import METHODS, check_method
 
         check_method(self.method, self.method_options)
+        METHODS[self.method].check_loss(loss_name)  # a method that takes only some losses refuses the others
         if self.class_token_position not in POSITIONS:
             raise ConfigError(f"class token position '{self.class_token_position}' unknown; "
                               f"choose one of: {', '.join(POSITIONS)}")

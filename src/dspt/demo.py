@@ -178,7 +178,9 @@ def run_demo(
              f"'{ctx_init or 'random'}', sym noise, tuning seeds {list(seeds)}; each method's lr chosen per noise "
              f"rate from {list(lrs)} on mean noisy validation accuracy over the seeds (never on test).\n"
              f"Zero-shot test accuracy: {zs['zeroshot_acc']:.1f} %. Cells: mean ± std over {len(seeds)} seeds; "
-             f"differences paired by seed (same shots and noise draw), 95 % t-interval.")
+             f"differences paired by seed (same shots and noise draw), 95 % t-interval; a verdict is 'ahead' or "
+             f"'behind' only when the paired t-test's p-value, Holm-adjusted over the {len(noise_rates)} noise rates, "
+             f"is below 0.05.")
     text = f"{setup}\n\n{md}\n\n" + "\n".join(verdicts) + "\n" + (
         f"\nTest accuracy at every lr tried, mean ± std over seeds (rate sensitivity, not used to choose):\n\n"
         f"{sens}\n" if sens else "")

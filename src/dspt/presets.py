@@ -34,6 +34,7 @@ class Preset:
     description: str  # one line
     source: str  # the papers, and where each value comes from
     build: SpecBuilder  # a fresh sweep spec (without output:) each call
+    lr_rule: str = ""  # how each loss's learning rate is set, and the source of every fixed rate
 
     def spec(self) -> dict[str, Any]:
         return self.build()
@@ -219,9 +220,10 @@ def describe(name: str) -> str:
         ("models", ", ".join(f"{m} ({pretrained})" for m in _as_list(spec.get("model", "RN50")))),
         ("datasets", ", ".join(preset_datasets(spec))),
         ("noise", "; ".join(noise)),
-        ("training", f"{spec.get('shots', 16)} shots, {spec.get('epochs')} epochs, lr {spec.get('lr', 0.002):g}, "
+        ("training", f"{spec.get('shots', 16)} shots, {spec.get('epochs')} epochs, "
                      f"batch {spec.get('batch_size', 32)}, n_ctx {spec.get('n_ctx', 16)}, class token "
                      f"{spec.get('class_token_position', 'end')}, context init {spec.get('ctx_init') or 'random'}"),
+        ("lr", preset.lr_rule),
         ("losses", ", ".join(losses)),
         ("methods", (", ".join(methods) + " (each on CE)") if methods else "none"),
         ("seeds", ", ".join(str(s) for s in _as_list(spec.get("seed", 1)))),
@@ -229,6 +231,12 @@ def describe(name: str) -> str:
     ]
     head = f"{preset.name}: {count_runs(spec)} runs into {default_output(name)}/\n  {preset.description}"
     return head + "".join(f"\n  {k + ':':9s} {v}" for k, v in rows)
+
+
+def preset_note(name: str) -> dict[str, str]:
+    """What a sweep of preset `name` records beside its runs (`preset.json`) for `dspt report` to state."""
+    preset = get_preset(name)
+    return {"name": preset.name, "lr_rule": preset.lr_rule, "source": preset.source}
 
 
 # ----------------------------------------------------------------------------------------------- presets
@@ -241,9 +249,22 @@ PTNL_DATASETS = ["caltech101", "oxford_pets", "stanford_cars", "oxford_flowers",
 FP_16 = [2, 4, 6, 8, 10, 12]  # 12.5 % ... 75 % of 16 shots
 
 #: CoOp's prompt and optimiser, shared by every preset (CoOp's configs/trainers/CoOp/rn50.yaml, which PTNL,
-#: JoAPR and NLPrompt copy): 16 random-init context vectors, class token at the end, SGD lr 0.002, batch 32.
+#: JoAPR and NLPrompt copy): 16 random-init context vectors, class token at the end, batch 32. The learning
+#: rate is per loss: `PAPER_RATES`.
 COOP_BASE = {"pretrained": "openai", "shots": 16, "n_ctx": 16, "ctx_init": None, "class_token_position": "end",
-             "csc": False, "lr": 0.002, "batch_size": 32}
+             "csc": False, "batch_size": 32}
+
+#: The learning rates the source papers ran, per loss: CoOp's 0.002 for cross-entropy (CoOp, and the CE base of
+#: NLPrompt, JoAPR and co-teaching as those papers ran them), and PTNL's GCE at the same 0.002. A preset keeps
+#: them; every other loss (DSPT, MAE, SCE, ...) was not run by these papers and gets its matched default rate
+#: (`dspt.losses.matched_lr`: CoOp's rate scaled so its first step equals CE's; DSPT: 0.002 x classes), because
+#: CE's rate would leave a loss whose gradient is C times smaller nearly still.
+PAPER_RATES = {"ce": 0.002, "gce": 0.002}
+LR_RULE = ("learning rate: ce and gce at 0.002, the rate their source papers ran (CoOp's rn50 config, which PTNL, "
+           "JoAPR and NLPrompt copy; PTNL ran GCE at it); every other loss at its matched default (CoOp's rate "
+           "scaled so its first step equals CE's: DSPT 0.002 x classes; `dspt losses`), as no source paper ran it; "
+           "methods (NLPrompt, JoAPR, co-teaching) on CE at 0.002. To choose rates on validation data instead: "
+           "--set lr=0.002,0.02,0.2 and `dspt report`")
 
 JOAPR_SOURCE = (
     "JoAPR (Guo & Gu, CVPR 2024: scripts/main.sh, configs/trainers/JoAPR/rn50.yaml) and NLPrompt (Pan et al., "
@@ -285,13 +306,14 @@ def joapr_spec(model: str = "RN50") -> dict[str, Any]:
         {"dataset": ["food101n"], "noise": ["given"]},
     ]
     runs = [{"method": ["plain"], "loss": _every_loss()}, {"method": _every_method(), "loss": ["ce"]}]
-    return {"model": model, **COOP_BASE, "epochs": 200, "seed": [1, 2, 3],
+    return {"model": model, **COOP_BASE, "lr_by_loss": dict(PAPER_RATES), "epochs": 200, "seed": [1, 2, 3],
             "grids": [s | r for s in settings for r in runs]}
 
 
 def ptnl_spec(model: str = "RN50") -> dict[str, Any]:
     """PTNL: symflip FP 0, 2, 4, 8 of 16, CE vs GCE, 50 epochs."""
-    return {"model": model, **COOP_BASE, "epochs": 50, "loss": ["ce", "gce"], "seed": [1, 2, 3],
+    return {"model": model, **COOP_BASE, "lr_by_loss": dict(PAPER_RATES), "epochs": 50, "loss": ["ce", "gce"],
+            "seed": [1, 2, 3],
             "grids": [{"dataset": list(PTNL_DATASETS), "noise": ["symflip"], "fp": [0, 2, 4, 8]}]}
 
 
@@ -299,10 +321,10 @@ _VIT = "ViT-B-16 (openai) instead of RN50, all else as"
 register_preset(Preset("joapr", "JoAPR / NLPrompt protocol: CoOp RN50, 16 shots, 200 epochs; symflip/pairflip "
                        "and sym/pair noise at 12.5-75 % on 10 CoOp datasets, Food-101N; every loss and method; "
                        "seeds 1-3",
-                       JOAPR_SOURCE, joapr_spec))
+                       JOAPR_SOURCE, joapr_spec, LR_RULE))
 register_preset(Preset("joapr-vitb16", f"{_VIT} joapr", JOAPR_SOURCE + " ViT-B/16: same schedule, other backbone "
-                       "(CoOp's vit_b16 config has the same optimiser settings).", lambda: joapr_spec("ViT-B-16")))
+                       "(CoOp's vit_b16 config has the same optimiser settings).", lambda: joapr_spec("ViT-B-16"), LR_RULE))
 register_preset(Preset("ptnl", "PTNL protocol: CoOp RN50, 16 shots, 50 epochs; symflip FP 0/2/4/8 of 16 on 6 CoOp "
-                       "datasets; CE vs GCE; seeds 1-3", PTNL_SOURCE, ptnl_spec))
+                       "datasets; CE vs GCE; seeds 1-3", PTNL_SOURCE, ptnl_spec, LR_RULE))
 register_preset(Preset("ptnl-vitb16", f"{_VIT} ptnl", PTNL_SOURCE + " ViT-B/16: same schedule, other backbone.",
-                       lambda: ptnl_spec("ViT-B-16")))
+                       lambda: ptnl_spec("ViT-B-16"), LR_RULE))

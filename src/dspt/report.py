@@ -1,16 +1,19 @@
 """`dspt report STORE... -o DIR`: the comparison of methods over seeds, from one or more results stores.
 
 A store is a results CSV, a folder holding `results.csv` (a sweep, a demo), or a run folder (or a folder of
-run folders) with `metrics.json`. The report (numbers from `dspt.compare`):
-- tables in the papers' layout (rows: dataset; column groups: noise type and rate; a column per method), each
-  cell mean ± std over seeds with the seed count, the best per setting in bold, an average row, and the
-  learning rates chosen on validation data;
-- each method minus a reference method, paired by seed, with a 95 % t-interval and a verdict;
-- the robustness view: worst run and spread over every learning rate and seed tried;
-- the cells a complete grid would hold and the store lacks;
+run folders) with `metrics.json`. The report opens with what the numbers say (`dspt.findings`: per setting the
+best method and who is level with it, DSPT against the reference, each method's floor), then:
+- paper tables (rows: dataset and noise rate; columns: methods; mean ± std over seeds at the learning rate
+  chosen on validation data; the best in bold; ▲/▼ where a method is clearly ahead of / behind the reference,
+  multiplicity-controlled within the table) and the chosen learning rates;
 - plots: accuracy vs noise (band over seeds, zero-shot line), accuracy vs learning rate, and the mechanism
-  (gradient norm and loss of clean vs mislabeled samples per epoch, from each run's log.jsonl).
-Written to DIR as report.md, report.html (self-contained: images embedded), CSV files and PNGs.
+  (gradient norm and loss of clean vs mislabeled samples per epoch, from each run's log.jsonl);
+- the evidence: each method minus the reference paired by seed (t-interval, optional bootstrap interval,
+  p-values raw and adjusted, verdict), per-cell details, robustness over every rate and seed, the validation
+  labels the rates were chosen on, and the cells a complete grid would hold and the store lacks.
+Written to DIR as report.md, report.html (self-contained: images embedded), CSV files and PNGs; with
+`formats` including "latex", tables.tex (booktabs) too. Numbers: `dspt.compare`; rendering:
+`dspt.report_tables`.
 """
 from __future__ import annotations
 
@@ -26,8 +29,10 @@ from pathlib import Path
 import pandas as pd
 
 from . import compare
-from .compare import CELL, PROTOCOL
+from . import report_tables as rt
+from .compare import CELL, PROTOCOL, SETTING
 from .errors import DataError
+from .findings import Findings, findings
 from .io import atomic_write_text, read_jsonl
 from .results import read_results
 
@@ -36,7 +41,12 @@ REQUIRED = ["loss", "seed", "lr", "test_acc", "noise", "noise_rate"]
 #: Columns filled in where an older store lacks them.
 OPTIONAL = {"dataset": "data", "model": "?", "weights": "?", "shots": -1, "epochs": -1, "loss_options": "",
             "val_acc_given": math.nan, "val_acc": math.nan, "zeroshot_acc": math.nan, "memorised": math.nan,
-            "train_seconds": math.nan, "run_id": "", "val_labels": ""}
+            "train_seconds": math.nan, "run_id": "", "val_labels": "", "val_realised_rate": math.nan,
+            "val_why": ""}
+#: What `write_report` can write beside the CSV files.
+FORMATS = ("md", "html", "latex")
+#: A sweep folder's note of the preset it ran (`dspt sweep --preset`), stated by the report.
+PRESET_NOTE = "preset.json"
 
 
 def _run_folder_row(run_dir: Path) -> dict:
@@ -103,21 +113,28 @@ class Report:
     stats: pd.DataFrame
     average: pd.DataFrame
     comparison: pd.DataFrame
+    versus_best: pd.DataFrame
     robustness: pd.DataFrame
     missing: pd.DataFrame
+    validation: pd.DataFrame
+    findings: Findings
     reference: str
     select: str
     select_on: str
+    multiplicity: str = "holm"
     notes: list[str] = field(default_factory=list)
 
 
 def build_report(runs: pd.DataFrame, reference: str = "ce", select: str = "lr", select_on: str = "noisy",
-                 methods: Sequence[str] | None = None) -> Report:
+                 methods: Sequence[str] | None = None, multiplicity: str = "holm", bootstrap: bool = False,
+                 presets: Sequence[dict] = ()) -> Report:
     """The numbers of a report. `select='lr'` picks each method's rate per setting on validation accuracy
     (`select_on` noisy or clean labels) averaged over seeds; `select='none'` keeps every rate as a method of
-    its own (`ce@lr0.002`)."""
+    its own (`ce@lr0.002`). `multiplicity` adjusts the verdicts of each table (holm, bh, none); `bootstrap` adds a
+    bootstrap interval beside the t-interval; `presets` are the notes of the presets the stores ran."""
     runs = runs.copy()
     notes = []
+    compare.adjust_pvalues(pd.Series(dtype=float).to_numpy(), multiplicity)  # an unknown name fails first
     if select == "none":
         runs["method"] = [f"{m}@lr{lr:g}" for m, lr in zip(runs["method"], runs["lr"])]
     elif select != "lr":
@@ -133,156 +150,95 @@ def build_report(runs: pd.DataFrame, reference: str = "ce", select: str = "lr", 
     if reference not in set(runs["method"]):
         notes.append(f"the reference method '{reference}' is not in the store, so there is no paired comparison "
                      f"(--reference one of: {', '.join(sorted(set(runs['method'])))})")
-    comparison = compare.paired_differences(chosen, reference)
-    if select == "lr" and (choices.groupby(CELL)["lr"].nunique() > 1).any():
-        labels = "noisy" if select_on == "noisy" else "clean"
-        notes.append(f"learning rates chosen per method and setting on mean validation accuracy over seeds, "
-                     f"measured against the {labels} validation labels; test accuracy took no part")
+    comparison = compare.paired_differences(chosen, reference, multiplicity, bootstrap)
+    vbest = compare.versus_best(chosen, stats, multiplicity)
+    robust = compare.robustness(runs)
+    validation = validation_summary(runs)
+    notes += [preset_note(p) for p in presets]
+    notes += lr_notes(choices, select, select_on, validation)
     return Report(runs=runs, choices=choices, chosen=chosen, stats=stats, average=compare.dataset_average(stats),
-                  comparison=comparison, robustness=compare.robustness(runs),
-                  missing=compare.missing_cells(runs, choices, stats), reference=reference, select=select,
-                  select_on=select_on, notes=notes)
+                  comparison=comparison, versus_best=vbest, robustness=robust,
+                  missing=compare.missing_cells(runs, choices, stats), validation=validation,
+                  findings=findings(stats, vbest, comparison, robust, reference, multiplicity), reference=reference,
+                  select=select, select_on=select_on, multiplicity=multiplicity, notes=notes)
 
 
-# ---------------------------------------------------------------------------------------------- rendering
-
-def setting_label(noise: str, rate: float) -> str:
-    return "given" if noise == "given" else f"{noise} {rate * 100:g}%"
-
-
-def cell_text(mean: float, std: float, n: int) -> str:
-    if n < 2 or not math.isfinite(std):
-        return f"{mean:.1f} (n={n})"
-    return f"{mean:.1f} ± {std:.1f} (n={n})"
-
-
-def signed(x: float) -> str:
-    return "-" if not math.isfinite(x) else f"{x:+.1f}"
-
-
-def protocol_title(key: tuple) -> str:
-    model, weights, shots, epochs = key
-    return f"{model} ({weights}), {shots} shots, {epochs} epochs"
-
-
-@dataclass
-class Table:
-    """A rendered table: header, rows of cell texts, and which cells are bold."""
-
-    title: str
-    header: list[str]
-    rows: list[list[str]]
-    bold: set[tuple[int, int]] = field(default_factory=set)
-
-    def markdown(self) -> str:
-        def fmt(i: int, j: int, text: str) -> str:
-            return f"**{text}**" if (i, j) in self.bold else text
-
-        lines = [f"#### {self.title}", "", "| " + " | ".join(self.header) + " |", "|" + "---|" * len(self.header)]
-        lines += ["| " + " | ".join(fmt(i, j, t) for j, t in enumerate(r)) + " |" for i, r in enumerate(self.rows)]
-        return "\n".join(lines)
-
-    def html(self) -> str:
-        def td(i: int, j: int, text: str) -> str:
-            body = html.escape(text)
-            return f"<td><b>{body}</b></td>" if (i, j) in self.bold else f"<td>{body}</td>"
-
-        head = "".join(f"<th>{html.escape(h)}</th>" for h in self.header)
-        body = "".join("<tr>" + "".join(td(i, j, t) for j, t in enumerate(r)) + "</tr>"
-                       for i, r in enumerate(self.rows))
-        return f"<h4>{html.escape(self.title)}</h4><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+def validation_summary(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per protocol and setting: which validation labels the runs had (noisy, clean, or some of each), the
+    realised noise rate of the noisy ones (min-max over runs) and why any were clean. A protocol such as
+    symflip draws its validation noise into few images per class, so its realised rate is coarse and can fall
+    back to clean labels: a rate chosen on them is chosen on other labels than the setting's name says."""
+    keys = PROTOCOL + SETTING
+    rows = []
+    has_val = runs[runs["val_acc_given"].notna() | runs["val_acc"].notna()]
+    for key, grp in has_val.groupby(keys, sort=True):
+        labels = pd.Series([x if isinstance(x, str) else "" for x in grp["val_labels"]], index=grp.index)
+        rate = pd.to_numeric(grp["val_realised_rate"], errors="coerce")
+        noisy = rate[labels == "noisy"].dropna()
+        realised = "-" if noisy.empty else (f"{noisy.min() * 100:.1f} %" if noisy.min() == noisy.max() else
+                                            f"{noisy.min() * 100:.1f}-{noisy.max() * 100:.1f} %")
+        whys = sorted({x for x in grp["val_why"] if isinstance(x, str) and x})
+        rows.append(dict(zip(keys, key), labels=" and ".join(sorted(set(labels) - {""})) or "not recorded",
+                         realised=realised, why="; ".join(whys) or "-", clean_runs=int((labels == "clean").sum()),
+                         noisy_runs=int((labels == "noisy").sum()), runs=len(grp)))
+    return pd.DataFrame(rows, columns=keys + ["labels", "realised", "why", "noisy_runs", "clean_runs", "runs"])
 
 
-def main_tables(rep: Report) -> list[Table]:
-    """Per protocol and noise type: rows dataset (+ average), columns (rate, method): mean ± std (n), best bold;
-    then the same layout with the chosen learning rates."""
-    tables = []
-    s = rep.stats
-    for proto, pst in s.groupby(PROTOCOL, sort=True):
-        methods = sorted(pst["method"].unique(), key=lambda m: (m != rep.reference, m))
-        for noise, nst in pst.groupby("noise", sort=True):
-            rates = sorted(nst["noise_rate"].unique())
-            cols = [(r, m) for r in rates for m in methods]
-            header = ["dataset", "zero-shot"] + [f"{setting_label(noise, r)} {m}" for r, m in cols]
-            by = nst.set_index(["dataset", "noise_rate", "method"])
-            acc, lrs = Table(f"{protocol_title(proto)}: {noise} noise, test accuracy (%)", header, []), \
-                Table(f"{protocol_title(proto)}: {noise} noise, learning rate chosen on validation", header, [])
-            for dataset in sorted(nst["dataset"].unique()):
-                zs = nst[nst["dataset"] == dataset]["zeroshot_acc"].mean()
-                row, lrow = [dataset, f"{zs:.1f}" if math.isfinite(zs) else "-"], [dataset, ""]
-                for j, (r, m) in enumerate(cols):
-                    if (dataset, r, m) in by.index:
-                        c = by.loc[(dataset, r, m)]
-                        row.append(cell_text(c["mean"], c["std"], int(c["n"])))
-                        lrow.append(f"{c['lr']:g}")
-                        if c["best"]:
-                            acc.bold.add((len(acc.rows), j + 2))
-                    else:
-                        row.append("missing")
-                        lrow.append("-")
-                acc.rows.append(row)
-                lrs.rows.append(lrow)
-            avg = rep.average
-            for col, val in zip(PROTOCOL, proto):
-                avg = avg[avg[col] == val]
-            avg = avg[avg["noise"] == noise].set_index(["noise_rate", "method"])["mean"]
-            if nst["dataset"].nunique() > 1:
-                acc.rows.append(["average", ""] + [f"{avg[(r, m)]:.1f}" if (r, m) in avg.index and
-                                                   math.isfinite(avg[(r, m)]) else "-" for r, m in cols])
-            tables += [acc, lrs] if rep.select == "lr" else [acc]
-    return tables
+def validation_counts(validation: pd.DataFrame) -> dict[str, int]:
+    """How many runs had noisy, clean and unrecorded validation labels."""
+    if validation.empty:
+        return {"noisy": 0, "clean": 0, "unknown": 0}
+    return {"noisy": int(validation["noisy_runs"].sum()), "clean": int(validation["clean_runs"].sum()),
+            "unknown": int((validation["runs"] - validation["noisy_runs"] - validation["clean_runs"]).sum())}
 
 
-def _drop_protocol(rep: Report, table: Table) -> Table:
-    """With a single protocol its column says nothing: it moves into the title."""
-    protos = rep.runs[PROTOCOL].drop_duplicates()
-    if len(protos) == 1 and table.header[:1] == ["protocol"]:
-        table.title += f"; {protocol_title(tuple(protos.iloc[0]))}"
-        table.header = table.header[1:]
-        table.rows = [r[1:] for r in table.rows]
-    return table
+def lr_notes(choices: pd.DataFrame, select: str, select_on: str, validation: pd.DataFrame) -> list[str]:
+    """How each method's learning rate came about: one rate (fixed by the grid: not chosen) or chosen on
+    validation among several, and on which validation labels."""
+    if select != "lr" or choices.empty:
+        return []
+    per_method = choices.groupby("method")["lr"].agg(lambda v: sorted(set(v)))
+    fixed = {m: v[0] for m, v in per_method.items() if len(v) == 1}
+    tuned = {m: v for m, v in per_method.items() if len(v) > 1}
+    notes = []
+    if fixed:
+        notes.append("one learning rate per method, fixed by the grid and not chosen: " + ", ".join(
+            f"{m} {lr:g}" for m, lr in sorted(fixed.items())))
+    if tuned:
+        if select_on == "clean":
+            labels = "the clean validation labels (--select-on clean)"
+        else:
+            kinds = validation_counts(validation)
+            labels = "the validation labels the runs had (" + ", ".join(
+                f"{text} in {kinds[k]} runs" for k, text in (("noisy", "noisy like the training labels"),
+                                                            ("clean", "clean"), ("unknown", "not recorded"))
+                if kinds[k]) + ": see 'Validation labels')"
+        notes.append("learning rates chosen per method and setting on mean validation accuracy over seeds, against "
+                     f"{labels}; test accuracy took no part; tried: " + ", ".join(
+                         f"{m} {'/'.join(f'{x:g}' for x in v)}" for m, v in sorted(tuned.items())))
+    return notes
 
 
-def comparison_table(rep: Report) -> Table:
-    c = rep.comparison
-    header = ["protocol", "dataset", "noise", "method", f"minus {rep.reference}", "95 % t-interval", "seeds",
-              "wins / ties / losses", "verdict"]
-    rows = [[protocol_title(tuple(r[k] for k in PROTOCOL)), r["dataset"], setting_label(r["noise"], r["noise_rate"]),
-             r["method"], signed(r["mean"]), f"[{signed(r['lo'])}, {signed(r['hi'])}]", str(r["n"]),
-             f"{r['wins']} / {r['ties']} / {r['losses']}", r["verdict"]] for _, r in c.iterrows()]
-    return _drop_protocol(rep, Table(f"Each method minus {rep.reference}, paired by seed (test accuracy points)",
-                                     header, rows))
+def preset_note(info: dict) -> str:
+    """The sentence a report states for a sweep that ran a preset: its name, learning-rate rule and source."""
+    return (f"preset '{info.get('name', '?')}': {info.get('lr_rule', 'learning-rate rule not recorded')} "
+            f"(source: {info.get('source', 'not recorded')})")
 
 
-def robustness_table(rep: Report) -> Table:
-    r = rep.robustness.merge(rep.stats[CELL + ["mean", "lr"]], on=CELL, how="left")
-    header = ["protocol", "dataset", "noise", "method", "runs (rates x seeds)", "worst run", "worst rate: mean",
-              "median", "best run", "chosen rate: mean"]
-    rows = [[protocol_title(tuple(x[k] for k in PROTOCOL)), x["dataset"], setting_label(x["noise"], x["noise_rate"]),
-             x["method"], f"{x['runs']} ({x['lrs']} x {x['seeds']})", f"{x['worst']:.1f}",
-             f"{x['worst_lr_mean']:.1f} (lr {x['worst_lr']:g})", f"{x['median']:.1f}", f"{x['best']:.1f}",
-             f"{x['mean']:.1f} (lr {x['lr']:g})" if math.isfinite(x["mean"]) else "-"] for _, x in r.iterrows()]
-    return _drop_protocol(rep, Table("Robustness: every learning rate and seed tried (test accuracy %)", header, rows))
-
-
-def details_table(rep: Report) -> Table:
-    """One row per cell: accuracy, the share of wrong training labels the tuned model predicts (memorised),
-    the chosen rate and the training seconds (of the run's batch, when runs trained together)."""
-    header = ["protocol", "dataset", "noise", "method", "test acc", "memorised", "lr", "train s"]
-    rows = [[protocol_title(tuple(x[k] for k in PROTOCOL)), x["dataset"], setting_label(x["noise"], x["noise_rate"]),
-             x["method"], cell_text(x["mean"], x["std"], int(x["n"])),
-             f"{x['memorised']:.1f}" if math.isfinite(x["memorised"]) else "-", f"{x['lr']:g}",
-             f"{x['train_seconds']:.1f}" if math.isfinite(x["train_seconds"]) else "-"]
-            for _, x in rep.stats.iterrows()]
-    return _drop_protocol(rep, Table("Per cell: test accuracy, memorised wrong labels (%), chosen rate, seconds",
-                                     header, rows))
-
-
-def missing_table(rep: Report) -> Table:
-    header = ["protocol", "dataset", "noise", "method", "why"]
-    rows = [[protocol_title(tuple(x[k] for k in PROTOCOL)), x["dataset"], setting_label(x["noise"], x["noise_rate"]),
-             x["method"], x["reason"]] for _, x in rep.missing.iterrows()]
-    return _drop_protocol(rep, Table("Missing or incomplete cells", header, rows))
+def read_presets(stores: Sequence[str | Path]) -> list[dict]:
+    """The preset notes (`preset.json`) of the store folders that have one."""
+    out = []
+    for store in stores:
+        path = Path(store)
+        note = (path if path.is_dir() else path.parent) / PRESET_NOTE
+        if note.is_file():
+            try:
+                info = json.loads(note.read_text(encoding="utf-8"))
+            except ValueError:
+                continue
+            if isinstance(info, dict) and info not in out:
+                out.append(info)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- plots
@@ -316,21 +272,17 @@ def write_plots(rep: Report, out: Path) -> list[Path]:
     written = []
     for key, st in rep.stats.groupby(PROTOCOL + ["dataset", "noise"], sort=True):
         proto, dataset, noise = key[:4], key[4], key[5]
-        title = f"{dataset}, {noise} noise; {protocol_title(proto)}"
+        title = f"{dataset}, {noise} noise; {rt.protocol_title(proto)}"
         stem = _slug(*key)
         path = out / f"accuracy_vs_noise_{stem}.png"
         plots.accuracy_vs_noise(st, st["zeroshot_acc"].mean(), path, title, f"{noise} label noise (%)")
         written.append(path)
-        sel = rep.runs
-        for col, val in zip(PROTOCOL + ["dataset", "noise"], key):
-            sel = sel[sel[col] == val]
+        sel = rt._select(rep.runs, PROTOCOL + ["dataset", "noise"], key)
         if sel["lr"].nunique() > 1:
             path = out / f"accuracy_vs_lr_{stem}.png"
             plots.accuracy_vs_lr(sel, path, title)
             written.append(path)
-        chosen = rep.chosen
-        for col, val in zip(PROTOCOL + ["dataset", "noise"], key):
-            chosen = chosen[chosen[col] == val]
+        chosen = rt._select(rep.chosen, PROTOCOL + ["dataset", "noise"], key)
         curves = _curves(chosen[chosen["noise_rate"] > 0])
         if not curves.empty:
             path = out / f"mechanism_{stem}.png"
@@ -341,35 +293,96 @@ def write_plots(rep: Report, out: Path) -> list[Path]:
 
 # ---------------------------------------------------------------------------------------------- files
 
-CSS = ("body{font-family:sans-serif;max-width:1400px;margin:2em auto;padding:0 1em}"
-       "table{border-collapse:collapse;margin:0.5em 0 1.5em;font-size:13px}"
+CSS = ("body{font-family:sans-serif;max-width:1200px;margin:1.5em auto;padding:0 1em;color:#222}"
+       "h1{margin:0 0 0.3em}h2{margin-top:1.6em;border-bottom:1px solid #ddd}"
+       "#findings{background:#f5f8ff;border:1px solid #c9d6f2;border-radius:6px;padding:0.6em 1em;margin:0.8em 0}"
+       "#findings ul{margin:0.3em 0 0.6em;padding-left:1.2em}#findings li{margin:0.2em 0}"
+       ".scroll{overflow-x:auto}table{border-collapse:collapse;margin:0.3em 0 0.3em;font-size:13px}"
        "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}th{background:#f3f3f3}"
-       "td:first-child,th:first-child{text-align:left}img{max-width:100%;margin:0.5em 0}")
+       "td:first-child,th:first-child{text-align:left;white-space:nowrap}"
+       "#findings-table td,#findings-table th{text-align:left}.caption{font-size:12px;color:#555;margin:0 0 1.2em}"
+       "details{margin:0.8em 0}summary{cursor:pointer;font-weight:bold}"
+       "figure{display:inline-block;margin:0.5em;vertical-align:top}img{max-width:560px;width:100%}"
+       ".notes{font-size:13px;color:#444}")
 
 
-def _sections(rep: Report) -> list[tuple[str, list[Table]]]:
-    parts = [("Test accuracy at the chosen learning rate, mean ± std over seeds", main_tables(rep))]
+def _evidence(rep: Report) -> list[tuple[str, list[rt.Table]]]:
+    parts = []
     if len(rep.comparison):
-        parts.append(("Paired comparison", [comparison_table(rep)]))
-    parts.append(("Per cell", [details_table(rep)]))
-    parts.append(("Robustness", [robustness_table(rep)]))
+        parts.append(("Paired comparison", [rt.comparison_table(rep)]))
+    parts.append(("Per cell", [rt.details_table(rep)]))
+    parts.append(("Robustness", [rt.robustness_table(rep)]))
+    if len(rep.validation):
+        parts.append(("Validation labels", [rt.validation_table(rep)]))
     if len(rep.missing):
-        parts.append(("Missing cells", [missing_table(rep)]))
+        parts.append(("Missing cells", [rt.missing_table(rep)]))
     return parts
 
 
-def _intro(rep: Report, stores: Sequence[str | Path]) -> list[str]:
-    lines = [f"Stores: {', '.join(str(s) for s in stores)}; {len(rep.runs)} runs, "
-             f"{rep.runs['method'].nunique()} methods, seeds {sorted(int(s) for s in rep.runs['seed'].unique())}.",
-             "Cells: mean ± sample std over seeds (n = seeds); bold: the best mean among the methods of a setting. "
-             "Paired differences: same seed, so the same shots and noise draw for both methods; 95 % t-interval "
-             "over seeds; 'ahead'/'behind' only when the interval excludes 0."]
-    return lines + [f"Note: {n}." for n in rep.notes]
+def _intro(rep: Report, stores: Sequence[str | Path]) -> str:
+    return (f"Stores: {', '.join(str(s) for s in stores)}; {len(rep.runs)} runs, {rep.runs['method'].nunique()} "
+            f"methods, seeds {sorted(int(s) for s in rep.runs['seed'].unique())}.")
 
 
-def write_report(rep: Report, out: str | Path, stores: Sequence[str | Path], plots: bool = True) -> dict[str, Path]:
-    """Write report.md, report.html (self-contained), the CSV files and the plots into `out`; the files of an
-    earlier report there that this one does not rewrite (plots of settings gone) are removed."""
+def _paper(rep: Report) -> list[rt.Table]:
+    return rt.paper_tables(rep) + (rt.lr_tables(rep) if rep.select == "lr" else [])
+
+
+def _markdown(rep: Report, stores: Sequence[str | Path], images: list[Path]) -> str:
+    md = ["# dspt report", "", _intro(rep, stores), "", "## Findings", ""]
+    md += [f"- {s}" for s in rep.findings.sentences] + [""]
+    if len(rep.findings.table):
+        md += [rt.findings_table(rep).markdown(), ""]
+    md += ["## Paper tables", ""] + [t.markdown() + "\n" for t in _paper(rep)]
+    if images:
+        md += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in images] + [""]
+    for title, tables in _evidence(rep):
+        md += [f"## {title}", ""] + [t.markdown() + "\n" for t in tables]
+    if rep.notes:
+        md += ["## Notes", ""] + [f"- {n}." for n in rep.notes] + [""]
+    return "\n".join(md)
+
+
+def _html(rep: Report, stores: Sequence[str | Path], images: list[Path]) -> str:
+    esc = html.escape
+    body = ["<h1>dspt report</h1>", f"<p class='notes'>{esc(_intro(rep, stores))}</p>",
+            "<section id='findings'><h2 style='border:0;margin-top:0.2em'>Findings</h2><ul>"
+            + "".join(f"<li>{esc(s)}</li>" for s in rep.findings.sentences) + "</ul>"
+            + (rt.findings_table(rep).html() if len(rep.findings.table) else "") + "</section>",
+            "<section id='paper'><h2>Paper tables</h2>" + "".join(t.html() for t in _paper(rep)) + "</section>"]
+    if images:
+        figs = []
+        for p in images:
+            data = base64.b64encode(p.read_bytes()).decode("ascii")
+            figs.append(f'<figure><img alt="{esc(p.stem)}" src="data:image/png;base64,{data}">'
+                        f"<figcaption class='notes'>{esc(p.stem)}</figcaption></figure>")
+        body.append("<section id='plots'><h2>Plots</h2>" + "".join(figs) + "</section>")
+    body.append("<section id='evidence'>")
+    for title, tables in _evidence(rep):
+        body.append(f"<details><summary>{esc(title)}</summary>" + "".join(t.html() for t in tables) + "</details>")
+    body.append("</section>")
+    if rep.notes:
+        body.append("<section id='notes'><h2>Notes</h2><ul class='notes'>"
+                    + "".join(f"<li>{esc(n)}.</li>" for n in rep.notes) + "</ul></section>")
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><meta name='viewport' content='width=device-width'>"
+            f"<title>dspt report</title><style>{CSS}</style></head><body>{''.join(body)}</body></html>")
+
+
+def _formats(formats: str | Sequence[str]) -> list[str]:
+    items = [f.strip().lower() for f in (formats.split(",") if isinstance(formats, str) else formats) if f.strip()]
+    bad = [f for f in items if f not in FORMATS]
+    if bad or not items:
+        raise DataError(f"--format '{','.join(bad) or formats}' unknown; choose from: {', '.join(FORMATS)} (a comma "
+                        "list, e.g. md,html,latex)")
+    return items
+
+
+def write_report(rep: Report, out: str | Path, stores: Sequence[str | Path], plots: bool = True,
+                 formats: str | Sequence[str] = ("md", "html")) -> dict[str, Path]:
+    """Write the CSV files, the plots and `formats` (md: report.md, html: report.html, self-contained; latex:
+    tables.tex) into `out`; the files of an earlier report there that this one does not rewrite (plots of
+    settings gone) are removed."""
+    kinds = _formats(formats)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     try:
@@ -378,37 +391,28 @@ def write_report(rep: Report, out: str | Path, stores: Sequence[str | Path], plo
         earlier = set()
     files = {}
     csvs = {"cells.csv": rep.stats, "comparison.csv": rep.comparison, "robustness.csv": rep.robustness,
-            "lr_choices.csv": rep.choices, "missing.csv": rep.missing, "runs.csv": rep.runs}
+            "lr_choices.csv": rep.choices, "missing.csv": rep.missing, "runs.csv": rep.runs,
+            "findings.csv": rep.findings.table, "versus_best.csv": rep.versus_best, "validation.csv": rep.validation}
     for name, frame in csvs.items():
         atomic_write_text(out / name, frame.to_csv(index=False))
         files[name] = out / name
     images = write_plots(rep, out) if plots and len(rep.stats) else []
-    sections = _sections(rep)
-    md = ["# dspt report", ""] + _intro(rep, stores) + [""]
-    for title, tables in sections:
-        md += [f"## {title}", ""] + [t.markdown() + "\n" for t in tables]
-    if images:
-        md += ["## Plots", ""] + [f"![{p.stem}]({p.name})" for p in images] + [""]
-    atomic_write_text(out / "report.md", "\n".join(md))
-    files["report.md"] = out / "report.md"
-    body = ["<h1>dspt report</h1>"] + [f"<p>{html.escape(line)}</p>" for line in _intro(rep, stores)]
-    for title, tables in sections:
-        body += [f"<h2>{html.escape(title)}</h2>"] + [t.html() for t in tables]
-    if images:
-        body.append("<h2>Plots</h2>")
-        for p in images:
-            data = base64.b64encode(p.read_bytes()).decode("ascii")
-            body.append(f'<figure><img alt="{html.escape(p.stem)}" src="data:image/png;base64,{data}"></figure>')
-    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>dspt report</title><style>{CSS}</style>"
-            f"</head><body>{''.join(body)}</body></html>")
-    atomic_write_text(out / "report.html", page)
-    files["report.html"] = out / "report.html"
+    if "md" in kinds:
+        atomic_write_text(out / "report.md", _markdown(rep, stores, images))
+        files["report.md"] = out / "report.md"
+    if "html" in kinds:
+        atomic_write_text(out / "report.html", _html(rep, stores, images))
+        files["report.html"] = out / "report.html"
+    if "latex" in kinds:
+        atomic_write_text(out / "tables.tex", rt.latex_document(rep))
+        files["tables.tex"] = out / "tables.tex"
     for p in images:
         files[p.name] = p
     files["report.json"] = out / "report.json"
     atomic_write_text(out / "report.json", json.dumps({"stores": [str(s) for s in stores], "reference": rep.reference,
                                                        "select": rep.select, "select_on": rep.select_on,
-                                                       "runs": len(rep.runs), "notes": rep.notes,
+                                                       "multiplicity": rep.multiplicity, "runs": len(rep.runs),
+                                                       "findings": rep.findings.sentences, "notes": rep.notes,
                                                        "files": sorted(files)}, indent=1))
     for name in earlier - set(files):
         if "/" not in name and (out / name).is_file():
@@ -418,12 +422,14 @@ def write_report(rep: Report, out: str | Path, stores: Sequence[str | Path], plo
 
 def report(stores: Sequence[str | Path], output: str | Path | None = None, reference: str = "ce",
            select: str = "lr", select_on: str = "noisy", methods: Sequence[str] | None = None,
-           plots: bool = True) -> tuple[Report, dict[str, Path]]:
+           plots: bool = True, multiplicity: str = "holm", bootstrap: bool = False,
+           formats: str | Sequence[str] = ("md", "html")) -> tuple[Report, dict[str, Path]]:
     """Load the stores, compute the report and write it (default folder: `<store>/report` for one store
     folder, else `report/`)."""
+    _formats(formats)
     runs = load_runs(stores)
-    rep = build_report(runs, reference, select, select_on, methods)
+    rep = build_report(runs, reference, select, select_on, methods, multiplicity, bootstrap, read_presets(stores))
     if output is None:
         first = Path(stores[0])
         output = first / "report" if len(stores) == 1 and first.is_dir() else Path("report")
-    return rep, write_report(rep, output, stores, plots)
+    return rep, write_report(rep, output, stores, plots, formats)

@@ -69,13 +69,15 @@ def result_row(cfg: RunConfig, metrics: dict[str, Any], run_dir: Path) -> dict[s
         "realised_rate": metrics["noise"]["realised_rate"], "shots": cfg.shots, "seed": cfg.seed, "epochs": cfg.epochs,
         "lr": metrics.get("lr", cfg.lr), "path": cfg.path,
         "val_labels": metrics.get("validation", {}).get("labels", cfg.val_labels),
+        "val_realised_rate": metrics.get("validation", {}).get("realised_rate", float("nan")),
+        "val_why": metrics.get("validation", {}).get("why", ""),
         "test_acc": metrics["test_acc"], "val_acc_given": metrics.get("val_acc_given", float("nan")),
         "val_acc": metrics.get("val_acc", float("nan")), "zeroshot_acc": metrics["zeroshot_acc"],
         "gain_over_zeroshot": metrics["gain_over_zeroshot"], "memorised": metrics["train"]["memorised"],
         "corrected": metrics["train"]["corrected"], "clean_fit": metrics["train"]["clean_fit"],
         "text_cosine": metrics["text_cosine"]["final"], "ctx_drift": metrics["ctx_drift"],
         "test_confidence": metrics.get("test_confidence", float("nan")),
-        "train_seconds": metrics["seconds"]["train"],
+        "train_seconds": metrics["seconds"]["train"], "batch_runs": metrics.get("batch_runs", 1),
     }
 
 

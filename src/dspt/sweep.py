@@ -34,6 +34,10 @@ again in an entry. Two cells that would get the same folder stop the grid with a
       - {dataset: [dtd, eurosat], noise: [sym, pair], noise_rate: [0.125]}   # 24 runs
       - {dataset: food101n, noise: given}                                     # 6 runs; 78 in all
 
+`lr_by_loss:` (a mapping loss -> rate) gives the cells of those losses that set no `lr` their rate; other
+cells keep the loss's default (`dspt losses`). Presets use it to keep a paper's rate for the losses the paper
+ran and give every other loss its matched default.
+
 Restarting a sweep is always safe: a cell whose metrics.json exists is not run again (its results row is
 re-added if a kill came between the two writes), a cell with a checkpoint resumes from it, and results rows
 are keyed by run folder, so nothing is lost and nothing is counted twice.
@@ -71,7 +75,7 @@ from .rundir import check_run_dir, finished_metrics, has_checkpoint, is_finished
 log = logging.getLogger(__name__)
 
 #: Keys of a grid file that are not RunConfig fields.
-SWEEP_KEYS = ("grid", "grids", "output", "results")
+SWEEP_KEYS = ("grid", "grids", "output", "results", "lr_by_loss")
 _FIELDS = {f.name for f in fields(RunConfig)}
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+=,-]+")
 
@@ -162,6 +166,26 @@ def _axis_values(key: str, value: Any, where: str) -> list[Any]:
     return values
 
 
+def _lr_by_loss(value: Any) -> dict[str, float]:
+    """`lr_by_loss:` a mapping loss -> learning rate for the cells that set no `lr` themselves (a preset keeps a
+    paper's rate for the losses that paper ran; every other loss keeps its own default, `dspt losses`)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError("'lr_by_loss:' must be a mapping of loss -> learning rate, e.g. {ce: 0.002}")
+    from .losses import loss_names
+
+    out = {}
+    for loss, lr in value.items():
+        if loss not in loss_names():
+            raise ConfigError(f"lr_by_loss: unknown loss '{loss}'; choose from: {', '.join(loss_names())}")
+        try:
+            out[loss] = coerce_field("lr", lr)
+        except ConfigError as exc:
+            raise ConfigError(f"lr_by_loss: {loss}: {exc}") from None
+    return out
+
+
 def _check_key(key: str, where: str = "") -> None:
     if key not in _FIELDS:
         raise ConfigError(f"unknown option '{key}' in the grid{where}; valid: {', '.join(sorted(_FIELDS))}, "
@@ -207,6 +231,7 @@ def expand(spec: dict[str, Any], output: str | os.PathLike | None = None,
     spec.pop("output", None)
     results = results or spec.pop("results", None)
     spec.pop("results", None)
+    lr_by_loss = _lr_by_loss(spec.pop("lr_by_loss", None))
     if root is None:
         raise ConfigError("the grid has no 'output:' folder; add 'output: sweeps/NAME' or pass --output DIR")
     axes: dict[str, list[Any]] = {}
@@ -238,6 +263,9 @@ def expand(spec: dict[str, Any], output: str | os.PathLike | None = None,
             seen[name] = (i, values)
             data = ({k: v for k, v in base.items() if k not in sub} | values
                     | {"output": str(root / name), "results": str(results_path), "progress": False})
+            loss = data.get("loss", RunConfig.loss)
+            if "lr" not in data and loss in lr_by_loss:
+                data["lr"] = lr_by_loss[loss]
             try:
                 cfg = RunConfig.from_dict(data).resolved()
             except (ConfigError, TypeError) as exc:

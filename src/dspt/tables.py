@@ -60,9 +60,13 @@ def verdict_lines(comparison: pd.DataFrame, reference: str, seeds: int) -> list[
     for c in comparison.sort_values(["method", "noise_rate"]).itertuples(index=False):
         what = {"ahead": f"ahead of {name(reference)}", "behind": f"behind {name(reference)}",
                 "no clear difference": f"no clear difference from {name(reference)}",
-                "too few seeds": f"one seed only: no interval against {name(reference)}"}[c.verdict]
+                "too few seeds": f"one seed only: no interval against {name(reference)}",
+                "identical": f"identical to {name(reference)} on every seed",
+                "same on every seed": f"the same difference from {name(reference)} on every seed"}[c.verdict]
+        p_adj = getattr(c, "p_adj", math.nan)
         lines.append(f"noise {c.noise_rate:.0%}: {name(c.method)} {what} ({_signed(c.mean)} points, 95 % CI "
-                     f"[{_signed(c.lo)}, {_signed(c.hi)}], better in {c.wins} of {c.n} seeds)")
+                     f"[{_signed(c.lo)}, {_signed(c.hi)}]" + (f", adjusted p {p_adj:.3f}" if math.isfinite(p_adj) else "")
+                     + f", better in {c.wins} of {c.n} seeds)")
     return lines
 
 

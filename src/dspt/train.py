@@ -203,6 +203,11 @@ def validation_labels(cfg: RunConfig, val: ImageDataset, seeds: dict[str, int], 
             val = val.subset(idx)
             labels = make_noisy_labels(val.labels, c, cfg.noise, fp / k, seeds["val_noise"], given=given)
             info.update(protocol=cfg.noise, shots=k, fp=fp)
+            if abs(fp / k - cfg.noise_rate) > 1e-9:
+                info["why"] = (f"{fp} false positive(s) in {k} validation images per class: {fp / k:.1%}, the "
+                               f"nearest to {cfg.noise_rate:.1%} that {k} images allow")
+                log.warning("validation labels: %s (more validation images per class, or --val-shots, bring it "
+                            "closer)", info["why"])
             return val, labels, info
         why = (f"the smallest validation class has {smallest} image(s), too few to draw {cfg.noise} false "
                "positives into")
@@ -795,11 +800,12 @@ def _end_epoch(run: _Run, epoch: int, ctx: torch.Tensor, momentum: torch.Tensor,
 
 def _finish(run: _Run, train_seconds: float, batch_runs: int = 1) -> None:
     """Evaluate the run's final prompt and write its prompt, metrics (last: they mark it finished) and row.
-    `train_seconds` is the wall time of the batch the run trained in, `batch_runs` how many runs it held."""
+    `train_seconds` is the wall time of the batch the run trained in, `batch_runs` how many runs it held: the run's
+    own training time is its equal share, and the batch's wall time is kept beside it."""
     p, cfg, run_dir = run.p, run.cfg, run.run_dir
     log_path = run_dir / "log.jsonl"
     metrics = evaluate(p, _classifier(run), run.zs_pred, run.ctx0, run.init_cos)
-    metrics["seconds"] = {"cache": p.cache["seconds"], "train": train_seconds}
+    metrics["seconds"] = {"cache": p.cache["seconds"], "train": train_seconds / batch_runs, "batch": train_seconds}
     metrics["batch_runs"] = batch_runs
     metrics["lr"], metrics["method"] = run.lr, cfg.method  # the base rate used (the loss's default when lr none)
     metrics["cache_hit"] = {"train": p.cache["train_hit"], "test": p.cache["test_hit"]}

@@ -7,7 +7,12 @@
   the only layout that keeps that order: ``--noise given --noise-file CIFAR-10_human.pt --label-set worse``.
 - Food-101N (``--dataset food101n``): ``Food-101N_release/`` (images, meta/classes.txt, meta/imagelist.tsv,
   meta/verified_{train,val}.tsv) for training, Food-101's test images (``food-101/``) for testing. Its labels are
-  the noisy ones; clean labels are unknown, the verified subset gives an estimate of the noise rate.
+  the noisy ones; clean labels are unknown. The validation split is the rows of verified_val.tsv verified correct
+  (label 1); imagelist.tsv lists those images too, so they are removed from the training pool (matched by their
+  path relative to ``images/``, spelled the same way whatever the list wrote: ``./``, ``images/``, backslashes),
+  and ``train.meta['removed_validation_images']`` counts them. The noise estimate
+  (``verified_noise_rate``, from verified_train.tsv) is taken over the verified rows still in the training pool
+  (``verified_train`` of them).
 - A generic noisy-label list (``--noise-file FILE``, e.g. Clothing1M's noisy_label_kv.txt): one ``path label``
   per line (space, tab or comma), labels as class names or indices; paths relative to the list's folder or to
   the dataset's image folder. Every training image needs a row.
@@ -18,6 +23,7 @@ import codecs
 import logging
 import os
 import pickle
+import posixpath
 import re
 import shutil
 from pathlib import Path
@@ -320,7 +326,20 @@ def _tsv_rows(path: Path) -> list[list[str]]:
     return [ln.split("\t") for ln in lines[1:]]  # first line is a header
 
 
+def _food_rel(rel: str, classes: dict[str, int]) -> str:
+    """An image path of Food-101N's lists, spelled one way: relative to ``images/`` ('class/key.jpg'), '/'
+    separators, './' and doubled '/' collapsed, no leading 'images/' (as some copies of the lists write it)."""
+    p = posixpath.normpath(rel.strip().replace("\\", "/"))
+    if p.startswith("images/") and p.split("/")[0] not in classes:
+        p = p[len("images/"):]
+    return p
+
+
 def load_food101n(root: str | os.PathLike | None = None, check_files: bool = True) -> DataSplits:
+    """Food-101N's training images with their web labels, minus the verified validation images (the `val` split),
+    and Food-101's test images. `train.meta` records `removed_validation_images` (validation images that
+    imagelist.tsv also lists, taken out of training), `verified_train` and `verified_noise_rate` (the share of
+    verified_train.tsv rows marked wrong, over the rows whose images are still in training)."""
     n, f = _food101n_dirs(root)
     classes = [r[0] for r in _tsv_rows(n / "meta" / "classes.txt")]
     index = {c: i for i, c in enumerate(classes)}
@@ -343,14 +362,22 @@ def load_food101n(root: str | os.PathLike | None = None, check_files: bool = Tru
             raise DataError(f"{where}: '{rel}' is in no class of classes.txt")
         return index[cls]
 
-    imagelist = n / "meta" / "imagelist.tsv"
-    train = rows_to([(r[0], label_of(r[0], imagelist)) for r in _tsv_rows(imagelist)], "train", images)
-    verified = {r[0]: int(r[1]) for r in _tsv_rows(n / "meta" / "verified_train.tsv") if len(r) > 1}
+    imagelist, val_list = n / "meta" / "imagelist.tsv", n / "meta" / "verified_val.tsv"
+    vrels = [_food_rel(r[0], index) for r in _tsv_rows(val_list) if len(r) > 1 and r[1].strip() == "1"]
+    in_val = set(vrels)
+    listed = [_food_rel(r[0], index) for r in _tsv_rows(imagelist)]
+    kept = [rel for rel in listed if rel not in in_val]
+    train = rows_to([(rel, label_of(rel, imagelist)) for rel in kept], "train", images)
+    in_train = set(kept)
+    verified = {rel: int(r[1]) for r in _tsv_rows(n / "meta" / "verified_train.tsv") if len(r) > 1
+                for rel in [_food_rel(r[0], index)] if rel in in_train}
     train.meta.update(labels_are_noisy=True, verified_train=len(verified),
-                      verified_noise_rate=(1 - float(np.mean(list(verified.values())))) if verified else None)
-    vrows = [r for r in _tsv_rows(n / "meta" / "verified_val.tsv") if len(r) > 1 and r[1].strip() == "1"]
-    val = rows_to([(r[0], label_of(r[0], n / "meta" / "verified_val.tsv")) for r in vrows], "val", images) \
-        if vrows else None
+                      verified_noise_rate=(1 - float(np.mean(list(verified.values())))) if verified else None,
+                      removed_validation_images=len(listed) - len(kept))
+    if len(listed) > len(kept):
+        log.info("food101n: %d of the %d training images are validation images (verified_val.tsv); "
+                 "they are left out of training", len(listed) - len(kept), len(listed))
+    val = rows_to([(rel, label_of(rel, val_list)) for rel in vrels], "val", images) if vrels else None
     test_rows = []
     for rel in (ln.strip() for ln in (f / "meta" / "test.txt").read_text().splitlines() if ln.strip()):
         test_rows.append((rel + ".jpg", label_of(rel, f / "meta" / "test.txt")))
@@ -360,10 +387,11 @@ def load_food101n(root: str | os.PathLike | None = None, check_files: bool = Tru
 
 def _probe_food101n(root: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> DatasetStatus:
     s = load_food101n(root, check_files=False)
-    rate = s.train.meta.get("verified_noise_rate")
+    rate, removed = s.train.meta.get("verified_noise_rate"), s.train.meta.get("removed_validation_images")
     return DatasetStatus("food101n", "real-noise", True, s.train.num_classes, len(s.train),
                          len(s.val) if s.val else 0, len(s.test), str(Path(s.train.meta["root"]).parent),
-                         note="web labels (clean unknown)" + (f"; verified subset: {rate:.1%} wrong" if rate else ""))
+                         note="web labels (clean unknown)" + (f"; verified subset: {rate:.1%} wrong" if rate else "")
+                         + (f"; {removed} validation images left out of training" if removed else ""))
 
 
 @register_dataset("food101n", kind="real-noise", template="a photo of {}, a type of food.", aliases=("food-101n",),

@@ -48,7 +48,7 @@ def select_training(train: ImageDataset, shots: int, seed: int, noise: str = "sy
     """
     info: dict = {"dataset": train.name, "n_pool": len(train), "shots": shots, "seed": seed, "noise": noise,
                   "split_source": train.meta.get("split_source"), "split_generated": train.meta.get("split_generated")}
-    for key in ("verified_noise_rate", "verified_train", "table", "source"):
+    for key in ("verified_noise_rate", "verified_train", "removed_validation_images", "table", "source"):
         if key in train.meta:
             info[key] = train.meta[key]
     if noise in FP_PROTOCOLS:

@@ -66,6 +66,11 @@ class Method:
         return {k: p.default for k, p in sig.parameters.items()
                 if k not in ("self", "loss_fn", "num_classes", "n_train") and p.default is not inspect.Parameter.empty}
 
+    @classmethod
+    def check_loss(cls, loss: str) -> None:
+        """Refuse, with a ConfigError naming the fix, a `--loss` this method cannot train with (every loss is
+        fine for plain tuning); called when a config is checked, before any data is read."""
+
     def begin_epoch(self, view: EpochView) -> None:
         """Decide what this epoch trains on (nothing to decide for plain tuning)."""
 

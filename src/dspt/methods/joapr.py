@@ -1,9 +1,16 @@
 """JoAPR (Guo & Gu, CVPR 2024): joint adaptive partitioning of the training set, then label refurbishment + mixup.
 
+**Loss: CE only.** JoAPR takes ``--loss ce`` and refuses any other loss with a one-line `ConfigError` when the
+config is checked (`RunConfig.validate` calls `JoAPR.check_loss`; the constructor checks too), before any data
+is read. After its warm-up every step is a soft-target cross-entropy against refurbished labels, which are CE
+targets (sharpened mixtures of the given label and the prediction), so another loss has no place there; and a
+non-CE run's default learning rate is matched to *that* loss's gradients (about C times CoOp's 0.002 for
+``dspt``), so the soft CE would train at a rate neither the paper nor this loss was tuned for.
+
 What it does:
 
-- **Warm-up** (epochs ``0 .. warmup-1``): every sample on its given label with the run's loss (the paper:
-  CE; run with ``--loss ce``), plus ``warmup_penalty * mean_i sum_c p_ic log p_ic`` (a confidence penalty:
+- **Warm-up** (epochs ``0 .. warmup-1``): every sample on its given label with CE (the run's loss, which is
+  CE), plus ``warmup_penalty * mean_i sum_c p_ic log p_ic`` (a confidence penalty:
   minimising it raises the entropy of the predictions), as the authors' code does (``ALPHA1``).
 - **Partition**, at the start of every later epoch (`begin_epoch`), from the current predictions on every
   training sample (`view.logits[0]`, unaugmented):
@@ -69,6 +76,9 @@ from .registry import register_method
 from .base import EpochView, Method
 
 __all__ = ["JoAPR", "gaussian_crossing", "mix_draw", "partition", "sharpen"]
+
+#: the losses (`--loss`) JoAPR trains with: its steps after the warm-up are soft-target CE
+LOSSES_TAKEN = ("ce",)
 
 #: the authors' GaussianMixture settings
 GMM_OPTIONS = {"n_components": 2, "max_iter": 10, "tol": 1e-2, "reg_covar": 5e-4}
@@ -160,7 +170,7 @@ class JoAPR(Method):
     """Warm-up, then per epoch: GMM + joint adaptive thresholds -> refurbished soft labels; mixup steps."""
 
     summary: ClassVar[str] = ("GMM on per-sample losses + joint adaptive thresholds split clean/noisy each epoch; "
-                              "refurbished soft labels, mixup, soft CE (after a warm-up)")
+                              "refurbished soft labels, mixup, soft CE (after a warm-up); --loss ce only")
     paper: ClassVar[str] = ("Guo & Gu, JoAPR: Cleaning the Lens of Prompt Learning for Vision-Language Models, "
                             "CVPR 2024")
 
@@ -169,6 +179,7 @@ class JoAPR(Method):
                  temperature: float = 0.5, prior_penalty: float = 0.5):
         super().__init__(loss_fn, num_classes, n_train, warmup=warmup, warmup_penalty=warmup_penalty,
                          mix_alpha=mix_alpha, temperature=temperature, prior_penalty=prior_penalty)
+        self.check_loss(getattr(loss_fn, "name", None) or type(loss_fn).__name__)
         self.warmup = _count("joapr", "warmup", warmup)
         self.warmup_penalty = _check("joapr", "warmup_penalty", warmup_penalty, 0.0, math.inf, False, True)
         self.mix_alpha = _check("joapr", "mix_alpha", mix_alpha, 0.0, math.inf, True, True)
@@ -179,6 +190,14 @@ class JoAPR(Method):
         self.clean: torch.Tensor | None = None  # [N] bool
         self.prob_clean: torch.Tensor | None = None  # [N]
         self._mix: tuple[torch.Tensor, torch.Tensor, float] | None = None  # (idx, perm, lambda) of the step
+
+    @classmethod
+    def check_loss(cls, loss: str) -> None:
+        """Refuse a `--loss` other than CE (a registered loss name), with the fix: see the module docstring."""
+        if str(loss).strip().lower().replace("-", "_") not in LOSSES_TAKEN:
+            raise ConfigError(f"--method joapr trains soft-target cross-entropy on refurbished labels, so it takes "
+                              f"--loss ce only, not '{loss}'; pass --loss ce (or --method plain to train with "
+                              f"--loss {loss})")
 
     # ------------------------------------------------------------------------------------------
     def begin_epoch(self, view: EpochView) -> None:
