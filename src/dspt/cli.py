@@ -111,6 +111,9 @@ def add_run_options(p: argparse.ArgumentParser, defaults: RunConfig | None = Non
     g.add_argument("--weight-decay", type=float, default=d.weight_decay)
     g.add_argument("--warmup-epochs", type=int, default=d.warmup_epochs)
     g.add_argument("--warmup-lr", type=float, default=d.warmup_lr)
+    g.add_argument("--collapse-guard", action="store_true",
+                   help="off by default (DSPT as published): when the run collapses onto one class, put the last "
+                   "healthy prompt back and halve the learning rate for the rest of the run")
     g.add_argument("--views", type=int, default=d.views, help="cached augmented views per training image")
     g.add_argument("--crop-scale", type=float, default=d.crop_scale,
                    help="smallest area fraction of the training crop (CoOp: 0.08; raise it for tiny images)")

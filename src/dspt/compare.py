@@ -258,16 +258,48 @@ def versus_best(chosen: pd.DataFrame, stats_: pd.DataFrame, multiplicity: str = 
     return _judge(pd.DataFrame(rows), FAMILY, multiplicity)[cols]
 
 
+def _collapsed(runs: pd.DataFrame) -> pd.Series:
+    """Which runs ended collapsed (`dspt.collapse`: predicting one class); False where a store lacks the column."""
+    if "collapsed_at_epoch" not in runs.columns:
+        return pd.Series(False, index=runs.index)
+    return pd.to_numeric(runs["collapsed_at_epoch"], errors="coerce").notna()
+
+
+def collapse_text(row: pd.Series) -> str:
+    """'one-class trap at epoch 5 (lr 0.2, seed 3)': how a collapsed run ended."""
+    kind = row.get("collapse_kind")
+    kind = kind if isinstance(kind, str) and kind else "collapse"
+    return f"{kind} at epoch {int(float(row['collapsed_at_epoch']))} (lr {float(row['lr']):g}, seed {int(row['seed'])})"
+
+
 def robustness(runs: pd.DataFrame) -> pd.DataFrame:
     """Per cell over every learning rate and seed tried: runs, rates, the worst run, the worst rate's mean over
-    seeds, the median and the best run."""
+    seeds, the median and the best run, and the runs that ended collapsed (count and how)."""
     per_lr = runs.groupby(CELL + ["lr"])["test_acc"].mean().rename("lr_mean").reset_index()
     worst_lr = per_lr.loc[per_lr.groupby(CELL)["lr_mean"].idxmin(), CELL + ["lr", "lr_mean"]]
     worst_lr = worst_lr.rename(columns={"lr": "worst_lr", "lr_mean": "worst_lr_mean"})
     spread = runs.groupby(CELL).agg(runs=("test_acc", "size"), lrs=("lr", "nunique"), seeds=("seed", "nunique"),
                                     worst=("test_acc", "min"), median=("test_acc", "median"),
                                     best=("test_acc", "max"), std=("test_acc", "std")).reset_index()
+    flagged = runs[_collapsed(runs)]
+    how = {key: [collapse_text(r) for _, r in grp.sort_values(["lr", "seed"]).iterrows()]
+           for key, grp in flagged.groupby(CELL, sort=True)} if len(flagged) else {}
+    keys = list(spread[CELL].itertuples(index=False, name=None))
+    spread["collapsed"] = [len(how.get(k, [])) for k in keys]
+    spread["collapses"] = ["; ".join(how.get(k, [])) for k in keys]
     return spread.merge(worst_lr, on=CELL)
+
+
+def collapses(runs: pd.DataFrame) -> pd.DataFrame:
+    """Per method and learning rate, over every setting and seed: runs, runs that ended collapsed, and how many
+    of those were one-class traps (no gradient left). The question a user picking a rate asks: is it safe?"""
+    frame = runs.assign(collapsed=_collapsed(runs).astype(int),
+                        trap=(_collapsed(runs) & (runs.get("collapse_kind", pd.Series("", index=runs.index))
+                                                  .astype(object) == "one-class trap")).astype(int))
+    out = frame.groupby(["method", "lr"], sort=True).agg(runs=("test_acc", "size"), collapsed=("collapsed", "sum"),
+                                                         traps=("trap", "sum")).reset_index()
+    out["rate"] = out["collapsed"] / out["runs"]
+    return out
 
 
 def missing_cells(runs: pd.DataFrame, choices: pd.DataFrame, stats_: pd.DataFrame) -> pd.DataFrame:

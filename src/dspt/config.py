@@ -189,6 +189,7 @@ class RunConfig:
     weight_decay: float = 5e-4
     warmup_epochs: int = 1
     warmup_lr: float = 1e-5
+    collapse_guard: bool = False  # on a collapse, restore the last healthy prompt and halve the rate (dspt.collapse)
     views: int = 10
     crop_scale: float = 0.08  # smallest area of the random-resized crop of the cached training views
     hflip: bool = True  # random horizontal flip of the training views (CoOp: on)

@@ -60,8 +60,9 @@ def _interval(lo: float, hi: float) -> str:
 
 
 def findings(stats: pd.DataFrame, versus_best: pd.DataFrame, comparison: pd.DataFrame, robustness: pd.DataFrame,
-             reference: str, multiplicity: str) -> Findings:
-    """The findings of a report's numbers (see the module docstring)."""
+             reference: str, multiplicity: str, runs: pd.DataFrame | None = None) -> Findings:
+    """The findings of a report's numbers (see the module docstring); `runs` (every run tried) for the
+    collapsed runs."""
     keys = PROTOCOL + SETTING
     if stats.empty:
         return Findings(pd.DataFrame(), ["No cell has a chosen learning rate, so there is nothing to compare: see "
@@ -91,7 +92,27 @@ def findings(stats: pd.DataFrame, versus_best: pd.DataFrame, comparison: pd.Data
                          best=best["method"], best_mean=float(best["mean"]), best_std=float(best["std"]),
                          level=level, clearly_below=below, focus=focus, floors=floors))
     table = pd.DataFrame(rows)
-    return Findings(table, _sentences(table, comparison, reference, multiplicity, len(stats["method"].unique())))
+    sentences = _sentences(table, comparison, reference, multiplicity, len(stats["method"].unique()))
+    if runs is not None:
+        sentences += _collapse_sentences(runs, several_protocols, several_datasets)
+    return Findings(table, sentences)
+
+
+def _collapse_sentences(runs: pd.DataFrame, several_protocols: bool, several_datasets: bool) -> list[str]:
+    """Which runs ended collapsed, per method over every rate and seed tried, and the first few by name."""
+    from .compare import _collapsed, collapse_text
+
+    flagged = _collapsed(runs)
+    if not flagged.any():
+        return []
+    counts = runs.assign(c=flagged.astype(int)).groupby("method")["c"].agg(["sum", "size"])
+    parts = [f"{m} {int(r['sum'])} of {int(r['size'])}" for m, r in counts.iterrows()]
+    named = [f"{r['method']} {collapse_text(r)} at "
+             f"{_where(tuple(r[k] for k in PROTOCOL + SETTING), several_protocols, several_datasets)}, "
+             f"test {r['test_acc']:.1f}" for _, r in runs[flagged].sort_values(["method", "lr", "seed"]).iterrows()]
+    return ["Collapsed runs (ended predicting one class; over every rate and seed tried): " + ", ".join(parts)
+            + ". " + "; ".join(named[:NAMED]) + (f"; {len(named) - NAMED} more in 'Collapses'" if len(named) > NAMED
+                                                 else "") + "."]
 
 
 def _sentences(table: pd.DataFrame, comparison: pd.DataFrame, reference: str, multiplicity: str,
@@ -125,6 +146,6 @@ def _sentences(table: pd.DataFrame, comparison: pd.DataFrame, reference: str, mu
         for gap in sorted(gaps, reverse=True):
             per_method.setdefault(gap[1], gap)
         worst3 = sorted(per_method.values(), reverse=True)[:3]
-        out.append("Floor (worst run over every rate and seed, against the chosen-rate mean): largest gaps " + "; ".join(
-            f"{m} {w:.1f} vs {mean:.1f} at {where}" for _, m, w, mean, where in worst3) + ".")
+        gaps_text = "; ".join(f"{m} {w:.1f} vs {mean:.1f} at {where}" for _, m, w, mean, where in worst3)
+        out.append(f"Floor (worst run over every rate and seed, against the chosen-rate mean): largest gaps {gaps_text}.")
     return out

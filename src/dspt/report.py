@@ -42,7 +42,7 @@ REQUIRED = ["loss", "seed", "lr", "test_acc", "noise", "noise_rate"]
 OPTIONAL = {"dataset": "data", "model": "?", "weights": "?", "shots": -1, "epochs": -1, "loss_options": "",
             "val_acc_given": math.nan, "val_acc": math.nan, "zeroshot_acc": math.nan, "memorised": math.nan,
             "train_seconds": math.nan, "run_id": "", "val_labels": "", "val_realised_rate": math.nan,
-            "val_why": ""}
+            "val_why": "", "collapsed_at_epoch": math.nan, "collapse_kind": ""}
 #: What `write_report` can write beside the CSV files.
 FORMATS = ("md", "html", "latex")
 #: A sweep folder's note of the preset it ran (`dspt sweep --preset`), stated by the report.
@@ -117,6 +117,7 @@ class Report:
     robustness: pd.DataFrame
     missing: pd.DataFrame
     validation: pd.DataFrame
+    collapses: pd.DataFrame
     findings: Findings
     reference: str
     select: str
@@ -159,7 +160,9 @@ def build_report(runs: pd.DataFrame, reference: str = "ce", select: str = "lr", 
     return Report(runs=runs, choices=choices, chosen=chosen, stats=stats, average=compare.dataset_average(stats),
                   comparison=comparison, versus_best=vbest, robustness=robust,
                   missing=compare.missing_cells(runs, choices, stats), validation=validation,
-                  findings=findings(stats, vbest, comparison, robust, reference, multiplicity), reference=reference,
+                  collapses=compare.collapses(runs),
+                  findings=findings(stats, vbest, comparison, robust, reference, multiplicity, runs),
+                  reference=reference,
                   select=select, select_on=select_on, multiplicity=multiplicity, notes=notes)
 
 
@@ -314,6 +317,8 @@ def _evidence(rep: Report) -> list[tuple[str, list[rt.Table]]]:
     parts.append(("Robustness", [rt.robustness_table(rep)]))
     if len(rep.validation):
         parts.append(("Validation labels", [rt.validation_table(rep)]))
+    if len(rep.collapses):
+        parts.append(("Collapses", [rt.collapse_table(rep)]))
     if len(rep.missing):
         parts.append(("Missing cells", [rt.missing_table(rep)]))
     return parts
@@ -392,7 +397,8 @@ def write_report(rep: Report, out: str | Path, stores: Sequence[str | Path], plo
     files = {}
     csvs = {"cells.csv": rep.stats, "comparison.csv": rep.comparison, "robustness.csv": rep.robustness,
             "lr_choices.csv": rep.choices, "missing.csv": rep.missing, "runs.csv": rep.runs,
-            "findings.csv": rep.findings.table, "versus_best.csv": rep.versus_best, "validation.csv": rep.validation}
+            "findings.csv": rep.findings.table, "versus_best.csv": rep.versus_best, "validation.csv": rep.validation,
+            "collapses.csv": rep.collapses}
     for name, frame in csvs.items():
         atomic_write_text(out / name, frame.to_csv(index=False))
         files[name] = out / name

@@ -255,10 +255,11 @@ def _p(p: float) -> str:
 def robustness_table(rep: Report) -> Table:
     r = rep.robustness.merge(rep.stats[CELL + ["mean", "lr"]], on=CELL, how="left")
     header = ["protocol", "dataset", "noise", "method", "runs (rates x seeds)", "worst run", "worst rate: mean",
-              "median", "best run", "chosen rate: mean"]
+              "median", "best run", "chosen rate: mean", "collapsed runs"]
     rows = [_where(x) + [x["method"], f"{x['runs']} ({x['lrs']} x {x['seeds']})", f"{x['worst']:.1f}",
                          f"{x['worst_lr_mean']:.1f} (lr {x['worst_lr']:g})", f"{x['median']:.1f}", f"{x['best']:.1f}",
-                         f"{x['mean']:.1f} (lr {x['lr']:g})" if math.isfinite(x["mean"]) else "-"]
+                         f"{x['mean']:.1f} (lr {x['lr']:g})" if math.isfinite(x["mean"]) else "-",
+                         f"{x['collapsed']}: {x['collapses']}" if x["collapsed"] else "0"]
             for _, x in r.iterrows()]
     return _drop_protocol(rep, Table("Robustness: every learning rate and seed tried (test accuracy %)", header, rows))
 
@@ -282,6 +283,17 @@ def validation_table(rep: Report) -> Table:
     header = ["protocol", "dataset", "noise", "validation labels", "realised noise (min-max over runs)", "note"]
     rows = [_where(x) + [x["labels"], x["realised"], x["why"]] for _, x in v.iterrows()]
     return _drop_protocol(rep, Table("Validation labels the learning rates were chosen on", header, rows))
+
+
+def collapse_table(rep: Report) -> Table:
+    """Per method and learning rate, over every setting and seed: how many runs ended collapsed."""
+    c = rep.collapses
+    rows = [[x["method"], f"{x['lr']:g}", str(x["runs"]), f"{x['collapsed']} ({x['rate']:.0%})", str(x["traps"])]
+            for _, x in c.iterrows()]
+    return Table("Runs that ended collapsed (predicting one class), per method and learning rate",
+                 ["method", "lr", "runs", "collapsed", "of them one-class traps"], rows,
+                 caption="A collapse: one class takes 95 % of the training predictions though it holds under half of "
+                         "the labels; a trap: 90 % of the samples have no gradient left, so the run cannot recover.")
 
 
 def missing_table(rep: Report) -> Table:

@@ -78,6 +78,11 @@ def result_row(cfg: RunConfig, metrics: dict[str, Any], run_dir: Path) -> dict[s
         "text_cosine": metrics["text_cosine"]["final"], "ctx_drift": metrics["ctx_drift"],
         "test_confidence": metrics.get("test_confidence", float("nan")),
         "train_seconds": metrics["seconds"]["train"], "batch_runs": metrics.get("batch_runs", 1),
+        "collapsed_at_epoch": metrics.get("collapse", {}).get("collapsed_at_epoch"),
+        "collapse_kind": metrics.get("collapse", {}).get("kind"),
+        "first_collapse_epoch": metrics.get("collapse", {}).get("first_collapse_epoch"),
+        "saturated_share": metrics.get("collapse", {}).get("saturated_share", float("nan")),
+        "guard_restores": metrics.get("collapse", {}).get("guard_restores", 0),
     }
 
 

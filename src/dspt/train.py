@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from .version import __version__
 from .backbone import Backbone, file_sha256, load_backbone
+from .collapse import CollapseTracker, epoch_record, warning_line
 from .config import RunConfig
 from .data import (FP_PROTOCOLS, DataSplits, ImageDataset, false_positive_shots, few_shot_indices,
                    find_bad_images, load_data, select_training)
@@ -436,6 +437,9 @@ class _Run:
     method: Method | None = None
     learners: list[PromptLearner] = field(default_factory=list)  # learner 0 is `learner`, the run's prompt
     lr: float = 0.0  # the base learning rate (the config's, or the loss's default)
+    lr_scale: float = 1.0  # halved by --collapse-guard at each collapse (checkpointed)
+    tracker: CollapseTracker = field(default_factory=CollapseTracker)
+    healthy: dict[str, torch.Tensor] | None = None  # --collapse-guard: the prompt state after the last healthy epoch
 
 
 def train_batch(cfgs: list[RunConfig]) -> list[tuple[str, Any]]:
@@ -617,6 +621,9 @@ def _setup(run: _Run, shared: dict[str, Any]) -> None:
     if log_path.is_file():
         kept = [r for r in read_jsonl(log_path) if r.get("event") != "epoch" or r["epoch"] < run.start]
         atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in kept))
+        run.tracker = CollapseTracker.from_log(kept)
+    if ckpt is not None and "lr_scale" in ckpt["extra"]:
+        run.lr_scale = float(ckpt["extra"]["lr_scale"])
     append_jsonl(log_path, {"event": "start", "epoch": run.start, "cache": p.cache, "n_train": len(p.train),
                             "classes": p.train.num_classes, "noise": p.labels.summary(), "seeds": p.seeds,
                             "method": cfg.method, "lr": run.lr})
@@ -666,6 +673,9 @@ def _fit(batch: list[_Run]) -> None:
                 torch.cuda.set_rng_state_all(list(ckpt["cuda_rng"]))
             if ckpt["scaler"] and scaler.is_enabled():
                 scaler.load_state_dict(ckpt["scaler"])
+    for k, run in enumerate(batch):  # the state the run starts from is its first healthy one (for the guard)
+        if run.cfg.collapse_guard:
+            run.healthy = _prompt_state(model, opt, slots[k])
     given = [torch.as_tensor(run.p.labels.given, device=dev) for run in batch]  # per run: [N_run]
     reference = _ReferenceBatches(p0) if cfg0.path == "reference" else None
     views = [run.p.train_feats.shape[0] - 1 for run in batch]
@@ -687,7 +697,7 @@ def _fit(batch: list[_Run]) -> None:
 
     for epoch in bar:
         t_epoch = time.perf_counter()
-        opt.set_lr([lr_at(run.cfg, epoch, run.lr) for run, _ in per_slot])
+        opt.set_lr([lr_at(run.cfg, epoch, run.lr * run.lr_scale) for run, _ in per_slot])
         order, view, mgen = [], [], []
         for k, run in enumerate(batch):
             gen = epoch_generator(run.p.seeds["epochs"], epoch)
@@ -749,7 +759,8 @@ def _fit(batch: list[_Run]) -> None:
                 for j, slot in enumerate(slots[k][1:], start=1):
                     extra[f"ctx_{j}"], extra[f"momentum_{j}"] = model.ctx[slot], opt.buffer[slot]
                 _end_epoch(run, epoch, model.ctx[slots[k][0]], opt.buffer[slots[k][0]], text[slots[k][0]],
-                           losses[k], scaler, t_epoch, extra)
+                           losses[k], scaler, t_epoch, extra, lambda: _prompt_state(model, opt, slots[k]),
+                           lambda state: _restore_prompt(model, opt, slots[k], state))
             except BaseException as exc:  # noqa: BLE001 - a run whose bookkeeping fails stops alone
                 _fail(run, exc)
             if run.error is not None:
@@ -782,18 +793,48 @@ def _epoch_view(run: _Run, epoch: int, text: torch.Tensor, given: torch.Tensor, 
                      given=given, logit_scale=float(p.backbone.logit_scale), gen=gen, is_noisy=p.labels.is_noisy)
 
 
+def _prompt_state(model: PromptBatch, opt: RunwiseSGD, slots: list[int]) -> dict[str, torch.Tensor]:
+    """A copy of a run's prompt state: the context and momentum of each of its slots."""
+    state = {}
+    for j, slot in enumerate(slots):
+        state[f"ctx_{j}"], state[f"momentum_{j}"] = model.ctx[slot].detach().clone(), opt.buffer[slot].clone()
+    return state
+
+
+@torch.no_grad()
+def _restore_prompt(model: PromptBatch, opt: RunwiseSGD, slots: list[int], state: dict[str, torch.Tensor]) -> None:
+    for j, slot in enumerate(slots):
+        model.ctx[slot].copy_(state[f"ctx_{j}"])
+        opt.buffer[slot].copy_(state[f"momentum_{j}"])
+
+
 def _end_epoch(run: _Run, epoch: int, ctx: torch.Tensor, momentum: torch.Tensor, text: torch.Tensor,
                losses: list[float], scaler: torch.amp.GradScaler, t_epoch: float,
-               extra: dict[str, torch.Tensor] | None = None) -> None:
-    """Log the epoch and save the run's checkpoint (or fail the run if its context is no longer finite)."""
+               extra: dict[str, torch.Tensor] | None = None, snapshot: Any = None, restore: Any = None) -> None:
+    """Log the epoch, watch for a collapse (`dspt.collapse`) and save the run's checkpoint (or fail the run if its
+    context is no longer finite). With --collapse-guard, a collapsed epoch puts back the prompt of the last
+    healthy one (`restore`; `snapshot` takes a healthy one) and halves the run's rate before the save."""
     if not torch.isfinite(ctx).all():
         raise _diverged(f"non-finite prompt parameters after epoch {epoch + 1}", run.cfg, run.run_dir, run.last_saved)
-    record = {"event": "epoch", "epoch": epoch, "lr": lr_at(run.cfg, epoch, run.lr), "loss": float(np.mean(losses)),
-              "seconds": time.perf_counter() - t_epoch}
+    record = {"event": "epoch", "epoch": epoch, "lr": lr_at(run.cfg, epoch, run.lr * run.lr_scale),
+              "loss": float(np.mean(losses)), "seconds": time.perf_counter() - t_epoch}
     record.update(_epoch_diagnostics(run.p, text, run.loss_fn))
     if type(run.method) is not Method:
         record.update({f"method_{k}": v for k, v in run.method.epoch_log().items()})
+    guard = run.cfg.collapse_guard and restore is not None and run.healthy is not None
+    if run.tracker.update(epoch, record):
+        log.warning("%s: %s", run.run_dir.name, warning_line(record["collapse"], epoch, record, guard))
+    if record["collapse"] and guard:
+        restore(run.healthy)
+        run.lr_scale *= 0.5
+        run.tracker.restored()
+        record["guard"] = f"restored the prompt of the last healthy epoch; learning rate x{run.lr_scale:g} from now"
+    elif record["collapse"] is None and run.cfg.collapse_guard and snapshot is not None:
+        run.healthy = snapshot()
     append_jsonl(run.run_dir / "log.jsonl", record)
+    extra = dict(extra or {})
+    if run.lr_scale != 1.0:
+        extra["lr_scale"] = torch.tensor(run.lr_scale, dtype=torch.float64)
     save_checkpoint(run.run_dir, epoch, ctx, momentum, scaler.state_dict() if scaler.is_enabled() else None, extra)
     run.last_saved, run.last_test_acc = epoch, record["test_acc"]
 
@@ -807,6 +848,7 @@ def _finish(run: _Run, train_seconds: float, batch_runs: int = 1) -> None:
     metrics = evaluate(p, _classifier(run), run.zs_pred, run.ctx0, run.init_cos)
     metrics["seconds"] = {"cache": p.cache["seconds"], "train": train_seconds / batch_runs, "batch": train_seconds}
     metrics["batch_runs"] = batch_runs
+    metrics["collapse"] = run.tracker.summary(run.lr_scale)
     metrics["lr"], metrics["method"] = run.lr, cfg.method  # the base rate used (the loss's default when lr none)
     metrics["cache_hit"] = {"train": p.cache["train_hit"], "test": p.cache["test_hit"]}
     epochs_log = [r for r in read_jsonl(log_path) if r.get("event") == "epoch"]
@@ -822,8 +864,10 @@ def _finish(run: _Run, train_seconds: float, batch_runs: int = 1) -> None:
 def _epoch_diagnostics(p: Prepared, text: torch.Tensor, loss_fn: torch.nn.Module) -> dict[str, float]:
     """Cheap per-epoch curves: test accuracy, training fit to the given labels, and the mean per-sample
     logit-gradient norm and loss of clean vs mislabeled samples (the method's mechanism; logging only,
-    nothing is selected on them)."""
-    test_acc = accuracy(predict(p.test_feats, text), p.test.labels)
+    nothing is selected on them), and the collapse measurements (`dspt.collapse`: decided on the training
+    samples alone, the test and validation spreads only recorded)."""
+    test_pred = predict(p.test_feats, text)
+    test_acc = accuracy(test_pred, p.test.labels)
     train0 = p.train_feats[0]
     logits = p.backbone.logit_scale * train0 @ text.t()
     given = torch.as_tensor(p.labels.given, device=logits.device)
@@ -835,9 +879,11 @@ def _epoch_diagnostics(p: Prepared, text: torch.Tensor, loss_fn: torch.nn.Module
     def mean(values: np.ndarray, mask: np.ndarray) -> float:
         return float(values[mask].mean()) if mask.any() else float("nan")
 
+    held = {"test": test_pred} | ({"val": predict(p.val_feats, text)} if p.val_feats is not None else {})
     return {"test_acc": test_acc, "train_acc_given": accuracy(logits.argmax(-1).cpu().numpy(), p.labels.given),
             "grad_norm_clean": mean(norms, ~noisy), "grad_norm_noisy": mean(norms, noisy),
-            "loss_clean": mean(losses, ~noisy), "loss_noisy": mean(losses, noisy)}
+            "loss_clean": mean(losses, ~noisy), "loss_noisy": mean(losses, noisy)} | epoch_record(
+                logits, given, norms, losses, noisy, loss_fn, held)
 
 
 @torch.no_grad()
