@@ -39,13 +39,16 @@ def setting_text(noise: str, rate: float) -> str:
     return "given labels" if noise == "given" else f"{noise} {rate * 100:g} %"
 
 
-def _where(keys: tuple, several_protocols: bool, several_datasets: bool) -> str:
-    proto, (dataset, noise, rate) = keys[:len(PROTOCOL)], keys[len(PROTOCOL):]
+def _where(keys: tuple, varying: list[str], several_datasets: bool) -> str:
+    """A setting in words; `varying`: the protocol fields that differ across the report (named, the rest not)."""
+    proto, (dataset, noise, rate) = dict(zip(PROTOCOL, keys[:len(PROTOCOL)])), keys[len(PROTOCOL):]
     text = setting_text(noise, rate)
     if several_datasets:
         text = f"{dataset} {text}"
-    if several_protocols:
-        text += f" ({proto[0]}, {proto[2] if proto[2] > 0 else 'all'} shots)"
+    named = {"model": lambda v: str(v), "weights": lambda v: str(v),
+             "shots": lambda v: f"{v if int(v) > 0 else 'all'} shots", "epochs": lambda v: f"{v} epochs"}
+    if varying:
+        text += " (" + ", ".join(named[k](proto[k]) for k in varying) + ")"
     return text
 
 
@@ -67,7 +70,7 @@ def findings(stats: pd.DataFrame, versus_best: pd.DataFrame, comparison: pd.Data
     if stats.empty:
         return Findings(pd.DataFrame(), ["No cell has a chosen learning rate, so there is nothing to compare: see "
                                          "'Missing cells'."])
-    several_protocols = len(stats[PROTOCOL].drop_duplicates()) > 1
+    varying = [k for k in PROTOCOL if stats[k].nunique() > 1]
     several_datasets = stats["dataset"].nunique() > 1
     vb = versus_best.set_index(keys) if len(versus_best) else versus_best
     comp = comparison[comparison["method"] == FOCUS].set_index(keys) if len(comparison) else comparison
@@ -88,17 +91,17 @@ def findings(stats: pd.DataFrame, versus_best: pd.DataFrame, comparison: pd.Data
         for r in st.itertuples():
             w = worst.get(key + (r.method,), math.nan)
             floors.append((r.method, float(w), float(r.mean)))
-        rows.append(dict(zip(keys, key), setting=_where(key, several_protocols, several_datasets),
+        rows.append(dict(zip(keys, key), setting=_where(key, varying, several_datasets),
                          best=best["method"], best_mean=float(best["mean"]), best_std=float(best["std"]),
                          level=level, clearly_below=below, focus=focus, floors=floors))
     table = pd.DataFrame(rows)
     sentences = _sentences(table, comparison, reference, multiplicity, len(stats["method"].unique()))
     if runs is not None:
-        sentences += _collapse_sentences(runs, several_protocols, several_datasets)
+        sentences += _collapse_sentences(runs, varying, several_datasets)
     return Findings(table, sentences)
 
 
-def _collapse_sentences(runs: pd.DataFrame, several_protocols: bool, several_datasets: bool) -> list[str]:
+def _collapse_sentences(runs: pd.DataFrame, varying: list[str], several_datasets: bool) -> list[str]:
     """Which runs ended collapsed, per method over every rate and seed tried, and the first few by name."""
     from .compare import _collapsed, collapse_text
 
@@ -108,7 +111,7 @@ def _collapse_sentences(runs: pd.DataFrame, several_protocols: bool, several_dat
     counts = runs.assign(c=flagged.astype(int)).groupby("method")["c"].agg(["sum", "size"])
     parts = [f"{m} {int(r['sum'])} of {int(r['size'])}" for m, r in counts.iterrows()]
     named = [f"{r['method']} {collapse_text(r)} at "
-             f"{_where(tuple(r[k] for k in PROTOCOL + SETTING), several_protocols, several_datasets)}, "
+             f"{_where(tuple(r[k] for k in PROTOCOL + SETTING), varying, several_datasets)}, "
              f"test {r['test_acc']:.1f}" for _, r in runs[flagged].sort_values(["method", "lr", "seed"]).iterrows()]
     return ["Collapsed runs (ended predicting one class; over every rate and seed tried): " + ", ".join(parts)
             + ". " + "; ".join(named[:NAMED]) + (f"; {len(named) - NAMED} more in 'Collapses'" if len(named) > NAMED
