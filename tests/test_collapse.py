@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 
 import numpy as np
 import pandas as pd
@@ -18,6 +17,8 @@ from dspt.config import RunConfig
 from dspt.losses import LOSSES, ClassificationLoss, get_loss
 from dspt.metrics import logit_gradient_norms
 from dspt.train import train
+
+from crashes import Crash, crash_before_checkpoint
 
 
 def _record(logits: torch.Tensor, labels: torch.Tensor, loss: str) -> dict:
@@ -128,12 +129,8 @@ def test_a_run_driven_onto_one_class_is_caught_at_that_epoch_and_a_healthy_one_n
     assert all(r["collapse"] is None for r in _epochs(tmp_path / "ok"))
 
 
-class Crash(BaseException):
-    """Stands in for a kill."""
-
-
 def test_the_guard_restores_the_last_healthy_prompt_halves_the_rate_and_resumes_exactly(images, tmp_path,
-                                                                                        toward_zero, monkeypatch):
+                                                                                        toward_zero):
     cfg = dict(loss=toward_zero, lr=2.0, collapse_guard=True)
     m = train(_cfg(images, tmp_path / "ref", tmp_path / "cache", **cfg))
     c = m["collapse"]
@@ -150,19 +147,8 @@ def test_the_guard_restores_the_last_healthy_prompt_halves_the_rate_and_resumes_
     off = train(_cfg(images, tmp_path / "off", tmp_path / "cache", loss=toward_zero, lr=2.0))
     assert off["collapse"]["collapsed_at_epoch"] is not None and off["collapse"]["guard_restores"] == 0
     # a kill after a restore resumes to the same numbers (the halved rate is in the checkpoint)
-    T = sys.modules["dspt.train"]
-    save = T.save_checkpoint
-    kill_at = first + 1
-
-    def crash(run_dir, epoch, *state):
-        if epoch == kill_at:
-            raise Crash()
-        save(run_dir, epoch, *state)
-
-    monkeypatch.setattr(T, "save_checkpoint", crash)
-    with pytest.raises(Crash):
+    with crash_before_checkpoint(first + 1), pytest.raises(Crash):
         train(_cfg(images, tmp_path / "run", tmp_path / "cache", **cfg))
-    monkeypatch.setattr(T, "save_checkpoint", save)
     resumed = train(_cfg(images, tmp_path / "run", tmp_path / "cache", **cfg))
     assert resumed["collapse"] == c and resumed["test_acc"] == m["test_acc"]
 

@@ -3,7 +3,6 @@ numbers, keeps each learner of a multi-learner method in the checkpoint, and bat
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 import torch
@@ -14,11 +13,9 @@ from dspt.methods import METHODS, Method, method_names
 from dspt.rundir import load_checkpoint
 from dspt.train import train, train_batch
 
+from crashes import Crash, crash_before_checkpoint
+
 VOLATILE = ("seconds", "cache_hit")
-
-
-class Crash(BaseException):
-    """Stands in for a kill."""
 
 
 class Twin(Method):
@@ -73,21 +70,11 @@ def test_methods_batch_with_plain_runs_and_keep_their_numbers(images, tmp_path, 
 def test_every_method_trains_and_resumes_to_identical_numbers(images, tmp_path, monkeypatch, method):
     """A crash after epoch 2's log line, before its checkpoint: the resumed run ends with the metrics of an
     uninterrupted one (a method's per-epoch decisions follow from the checkpointed state and the seed)."""
-    T = sys.modules["dspt.train"]
     cfg = dict(method=method, epochs=5)
     reference = train(_cfg(images, tmp_path / "ref", tmp_path / "cache", **cfg))
     assert 0 <= reference["test_acc"] <= 100 and reference["method"] == method
-    save = T.save_checkpoint
-
-    def crash_at_epoch_2(run_dir, epoch, *state):
-        if epoch == 2:
-            raise Crash()
-        save(run_dir, epoch, *state)
-
-    monkeypatch.setattr(T, "save_checkpoint", crash_at_epoch_2)
-    with pytest.raises(Crash):
+    with crash_before_checkpoint(2), pytest.raises(Crash):
         train(_cfg(images, tmp_path / "run", tmp_path / "cache", **cfg))
-    monkeypatch.setattr(T, "save_checkpoint", save)
     assert load_checkpoint(tmp_path / "run")["epoch"] == 1
     train(_cfg(images, tmp_path / "run", tmp_path / "cache", **cfg))
     got, want = _stable(tmp_path / "run"), _stable(tmp_path / "ref")
