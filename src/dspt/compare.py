@@ -258,7 +258,7 @@ def versus_best(chosen: pd.DataFrame, stats_: pd.DataFrame, multiplicity: str = 
     return _judge(pd.DataFrame(rows), FAMILY, multiplicity)[cols]
 
 
-def _collapsed(runs: pd.DataFrame) -> pd.Series:
+def collapsed_runs(runs: pd.DataFrame) -> pd.Series:
     """Which runs ended collapsed (`dspt.collapse`: predicting one class); False where a store lacks the column."""
     if "collapsed_at_epoch" not in runs.columns:
         return pd.Series(False, index=runs.index)
@@ -281,7 +281,7 @@ def robustness(runs: pd.DataFrame) -> pd.DataFrame:
     spread = runs.groupby(CELL).agg(runs=("test_acc", "size"), lrs=("lr", "nunique"), seeds=("seed", "nunique"),
                                     worst=("test_acc", "min"), median=("test_acc", "median"),
                                     best=("test_acc", "max"), std=("test_acc", "std")).reset_index()
-    flagged = runs[_collapsed(runs)]
+    flagged = runs[collapsed_runs(runs)]
     how = {key: [collapse_text(r) for _, r in grp.sort_values(["lr", "seed"]).iterrows()]
            for key, grp in flagged.groupby(CELL, sort=True)} if len(flagged) else {}
     keys = list(spread[CELL].itertuples(index=False, name=None))
@@ -293,8 +293,8 @@ def robustness(runs: pd.DataFrame) -> pd.DataFrame:
 def collapses(runs: pd.DataFrame) -> pd.DataFrame:
     """Per method and learning rate, over every setting and seed: runs, runs that ended collapsed, and how many
     of those were one-class traps (no gradient left). The question a user picking a rate asks: is it safe?"""
-    frame = runs.assign(collapsed=_collapsed(runs).astype(int),
-                        trap=(_collapsed(runs) & (runs.get("collapse_kind", pd.Series("", index=runs.index))
+    frame = runs.assign(collapsed=collapsed_runs(runs).astype(int),
+                        trap=(collapsed_runs(runs) & (runs.get("collapse_kind", pd.Series("", index=runs.index))
                                                   .astype(object) == "one-class trap")).astype(int))
     out = frame.groupby(["method", "lr"], sort=True).agg(runs=("test_acc", "size"), collapsed=("collapsed", "sum"),
                                                          traps=("trap", "sum")).reset_index()

@@ -26,7 +26,7 @@ from .io import atomic_write_text
 from .miniature import DEMO_MODEL, VIEWS, build_world, pretrained_miniature
 from .plots import accuracy_vs_noise
 from .selection import select_on_validation
-from .tables import format_sensitivity, format_table, verdict_lines
+from .tables import format_sensitivity, format_table, name, verdict_lines
 
 # Re-exported: callers (tests, benchmarks/speed.py) import these from dspt.demo.
 __all__ = ["run_demo", "pretrained_miniature", "build_world", "VIEWS", "select_on_validation"]
@@ -39,6 +39,16 @@ class _HideCacheHits(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not record.getMessage().startswith("feature cache hit")
+
+
+def collapse_line(runs: pd.DataFrame, methods: list[str]) -> str:
+    """How many runs of each method ended collapsed onto one class (`dspt.collapse`), over every rate and seed."""
+    from .compare import collapsed_runs
+
+    flagged = collapsed_runs(runs)
+    parts = [f"{name(m)} {int(flagged[runs['method'] == m].sum())} of {int((runs['method'] == m).sum())}"
+             for m in methods]
+    return "runs that ended collapsed onto one class (every rate, noise rate and seed): " + ", ".join(parts)
 
 
 def _run_grid(common: dict[str, Any], out: Path, noise_rates: tuple[float, ...], losses: tuple[str, ...],
@@ -181,6 +191,7 @@ def run_demo(
              f"differences paired by seed (same shots and noise draw), 95 % t-interval; a verdict is 'ahead' or "
              f"'behind' only when the paired t-test's p-value, Holm-adjusted over the {len(noise_rates)} noise rates, "
              f"is below 0.05.")
+    verdicts.append(collapse_line(runs, methods))
     text = f"{setup}\n\n{md}\n\n" + "\n".join(verdicts) + "\n" + (
         f"\nTest accuracy at every lr tried, mean ± std over seeds (rate sensitivity, not used to choose):\n\n"
         f"{sens}\n" if sens else "")

@@ -103,9 +103,9 @@ def findings(stats: pd.DataFrame, versus_best: pd.DataFrame, comparison: pd.Data
 
 def _collapse_sentences(runs: pd.DataFrame, varying: list[str], several_datasets: bool) -> list[str]:
     """Which runs ended collapsed, per method over every rate and seed tried, and the first few by name."""
-    from .compare import _collapsed, collapse_text
+    from .compare import collapsed_runs, collapse_text
 
-    flagged = _collapsed(runs)
+    flagged = collapsed_runs(runs)
     if not flagged.any():
         return []
     counts = runs.assign(c=flagged.astype(int)).groupby("method")["c"].agg(["sum", "size"])
