@@ -31,6 +31,23 @@ def test_csv_with_names_and_split_column(tmp_path):
     assert load_data("folder", root=tmp_path / "labels.csv").train.paths == s.train.paths
 
 
+def test_csv_with_a_test_folder(tmp_path):
+    """`--data labels.csv --test-data DIR`: the test images may be a folder of class sub-folders named like the
+    labels, whatever order the folders sort in."""
+    rows = make_images(tmp_path, classes=("fox", "cat", "dog"))  # label order of the table: first seen
+    (tmp_path / "labels.csv").write_text("\n".join(["path,label"] + [f"{p},{c}" for p, c in rows]) + "\n")
+    for c in ("cat", "dog", "fox"):
+        write_jpeg(tmp_path / "test" / c / "t.jpg", seed=9)
+    s = load_data("folder", root=tmp_path / "labels.csv", test_root=tmp_path / "test")
+    assert len(s.test) == 3 and s.test.classnames == s.train.classnames
+    for path, label in zip(s.test.paths, s.test.labels):  # each image gets the index of its folder's class
+        assert s.train.classnames[label] == Path(path).parent.name
+    (tmp_path / "test" / "wolf").mkdir()
+    write_jpeg(tmp_path / "test" / "wolf" / "w.jpg", seed=1)
+    with pytest.raises(DataError, match="wolf"):
+        load_data("folder", root=tmp_path / "labels.csv", test_root=tmp_path / "test")
+
+
 def test_tsv_without_header_integer_labels_and_class_list(tmp_path):
     rows = make_images(tmp_path, per=5)
     sub = tmp_path / "lists"

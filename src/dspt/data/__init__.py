@@ -6,11 +6,13 @@
 - K-shot subsets and the false-positive protocol of PTNL / JoAPR (`sampling.py`), kept in the cache;
 - the training subset of a run (`training.py`: shots, given labels, unreadable images skipped).
 
-Layers, each importing only those above it: base; registry, splits, sampling; download, table; folder; coop,
+Layers, each importing only those above it: base, imagefolder; registry, splits, sampling; download, table;
+folder; coop,
 realnoise; training. Importing this package registers every dataset ('folder' first, so it is listed first).
 """
 from .base import DataError, ImageDataset, cache_root, find_bad_images, load_image
-from .folder import load_image_folder, read_classname_map
+from .imagefolder import load_image_folder, read_classname_map
+from . import folder  # noqa: F401, E402 - registers the 'folder' dataset first, so it is listed first
 from .registry import (DATASETS, INFO, DataSplits, DatasetStatus, dataset_status, dataset_template,
                        default_data_root, format_status_table, load_data, register_dataset, resolve_dataset_name)
 from .sampling import (FP_PROTOCOLS, cached_few_shot, false_positive_shots, few_shot_indices, fewshot_file,

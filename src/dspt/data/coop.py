@@ -33,7 +33,7 @@ from typing import Callable
 
 from .base import DataError, is_image
 from .download import download_dataset
-from .folder import read_classname_map
+from .imagefolder import read_classname_map
 from .registry import DataSplits, DatasetStatus, default_data_root, register_dataset
 from .splits import (SPLITS, Entries, entries_to_datasets, generated_split_path, input_stamp, read_split_file,
                      split_per_class, write_split_file)

@@ -182,7 +182,15 @@ def load_table(
             empty = int(np.flatnonzero(counts == 0)[0])
             raise DataError(f"class '{names[empty]}' has no training rows in '{path}' "
                             f"({int((counts == 0).sum())} empty class(es)); add rows or drop it from the class list")
-    if test_root is not None:
+    if test_root is not None and Path(test_root).expanduser().is_dir():  # a folder of class sub-folders
+        from .imagefolder import load_image_folder
+
+        test = load_image_folder(test_root, class_folders=list(names), name=name)
+        test = ImageDataset(test.paths, test.labels, display, name=name, meta=test.meta)
+        if len(test) == 0:
+            raise DataError(f"test folder '{test_root}' has no images in class sub-folders named like the labels of "
+                            f"'{path}' ({', '.join(names[:5])}); name its sub-folders after the labels")
+    elif test_root is not None:
         test = load_table(test_root, classnames=classnames if classnames else None, name=name).train
         if test.classnames != train.classnames:
             raise DataError(f"test file '{test_root}' has other classes than '{path}'; pass the same --classnames")
