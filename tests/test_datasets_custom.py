@@ -60,6 +60,24 @@ def test_tsv_without_header_integer_labels_and_class_list(tmp_path):
     assert s.train.meta["split"] == {"test_fraction": 0.2, "seed": 0}
 
 
+def test_integer_class_names_map_by_name_or_are_refused():
+    from dspt.data.table import label_indexer
+
+    # Flowers' folders are 1..102: labels '1', '2', '10' are three classes in natural order, not 0..10
+    names, idx = label_indexer(["10", "1", "2", "1"], None, "t.csv")
+    assert names == ["1", "2", "10"] and [idx(v, 1) for v in ("1", "2", "10")] == [0, 1, 2]
+    # a class list in a non-numeric order: integer labels are its names, never positions
+    names, idx = label_indexer(["10", "2", "1"], ["10", "2", "1"], "t.csv")
+    assert [idx(v, 1) for v in ("10", "2", "1")] == [0, 1, 2]
+    # an integer that is not one of the list's integer names: ambiguous, refused in one line
+    with pytest.raises(DataError, match="ambiguous") as info:
+        label_indexer(["0", "2"], ["10", "2", "1"], "t.csv")
+    assert "\n" not in str(info.value)
+    # positions still work with a list of (non-integer) names
+    names, idx = label_indexer(["0", "2"], ["cat", "dog", "fox"], "t.csv")
+    assert [idx("0", 1), idx("2", 1)] == [0, 2]
+
+
 def test_csv_with_clean_labels_is_a_noisy_list(tmp_path):
     rows = make_images(tmp_path)
     lines = ["image,noisy_label,clean_label,split"]

@@ -107,29 +107,38 @@ def _is_int(s: str) -> bool:
 
 
 def label_indexer(values: list[str], classnames: list[str] | None, where: str):
-    """(class list, fn(value, line) -> index) for labels given as names or integer indices."""
+    """(class list, fn(value, line) -> index) for labels given as names or integer indices.
+
+    Integer-looking labels are read as class *names* when they can be: without a class list, the classes are
+    the distinct values in natural order ('2' before '10', as class folders are read), so labels 1..102 of
+    Flowers' folders map to 102 classes, the folder '1' first; with a class list, values that are all in the list
+    are names. Only integers that are not names of a list of non-integer names are positions in that list. A
+    class list of integer names that the labels do not all match is ambiguous ('2': the class named 2, or the
+    third?) and refused, never guessed."""
     ints = all(_is_int(v) for v in values)
     if classnames is None:
-        if ints:
-            top = max(int(v) for v in values)
-            classnames = [str(i) for i in range(top + 1)]
-        else:
-            classnames = sorted(set(values), key=natural_key)
+        classnames = sorted(set(values), key=natural_key)
+        by_name = True
+    else:
+        by_name = all(v in classnames for v in values)
+        if not by_name and ints and any(_is_int(c) for c in classnames):
+            odd = next(v for v in values if v not in classnames)
+            raise DataError(f"{where}: the class list names classes by integers, and label '{odd}' is not one of "
+                            "those names, so it is ambiguous (a name or a position?); give labels as names from the "
+                            "class list, or rename integer classes (e.g. 'c2')")
     index = {c: i for i, c in enumerate(classnames)}
 
     def to_index(value: str, line: str) -> int:
-        if value in index and not (ints and _is_int(value)):
-            return index[value]
-        if _is_int(value):
-            i = int(value)
-            if 0 <= i < len(classnames):
-                return i
-            raise DataError(f"{where}:{line}: label {i} is outside the {len(classnames)} classes "
-                            f"(0..{len(classnames) - 1}); fix the row or the class list")
-        if value in index:
-            return index[value]
-        raise DataError(f"{where}:{line}: class '{value}' is not in the class list ({len(classnames)} classes); "
-                        "fix the row or add the class to --classnames")
+        if by_name or not _is_int(value):
+            if value in index:
+                return index[value]
+            raise DataError(f"{where}:{line}: class '{value}' is not in the class list ({len(classnames)} classes); "
+                            "fix the row or add the class to --classnames")
+        i = int(value)
+        if 0 <= i < len(classnames):
+            return i
+        raise DataError(f"{where}:{line}: label {i} is outside the {len(classnames)} classes "
+                        f"(0..{len(classnames) - 1}); fix the row or the class list")
 
     return classnames, to_index
 
