@@ -103,3 +103,13 @@ def test_audit_a_run_folder_from_the_command_line(data, tmp_path):
     assert (run / "audit" / "audit.csv").is_file() and (run / "audit" / "folds" / "fold2" / "metrics.json").is_file()
     code, out, err = run_cli(["audit", str(tmp_path / "nope")])
     assert code == 2 and err.count("\n") == 1 and "not a dspt run folder" in err
+
+
+def test_audit_names_images_by_the_paths_the_user_gave(data, tmp_path):
+    """Through a symbolic link to the data: audit.csv lists the link's paths, not the resolved targets."""
+    link = tmp_path / "my_images"
+    link.symlink_to(data, target_is_directory=True)
+    res = audit(_cfg(link, tmp_path / "cache", epochs=1), tmp_path / "audit", folds=2, review=False)
+    paths = list(pd.read_csv(tmp_path / "audit" / "audit.csv")["path"])
+    assert len(paths) == 60 and all(p.startswith(str(link) + "/") for p in paths)
+    assert set(paths) == set(res.table["path"])

@@ -17,6 +17,8 @@ precision / recall / AUROC of each score against the true flips and a precision-
 """
 from __future__ import annotations
 
+import os
+
 import csv
 import io
 import logging
@@ -67,6 +69,12 @@ def _write_fold_table(path: Path, rows: list[tuple[str, str, str]]) -> None:
     atomic_write_text(path, buf.getvalue())
 
 
+def _as_given(path: str) -> str:
+    """An image path as the user named it, made absolute: symbolic links are kept, not resolved to their
+    targets, so audit.csv and the review page show the user's own paths."""
+    return os.path.normpath(os.path.abspath(os.path.expanduser(path)))
+
+
 def _fold_configs(cfg: RunConfig, p: Any, fold: np.ndarray, folds: int, out: Path) -> list[RunConfig]:
     """One run per fold, tuned on the other folds' images with their given labels (no noise added: the labels
     are the ones under audit), tested on the run's test split.
@@ -77,8 +85,8 @@ def _fold_configs(cfg: RunConfig, p: Any, fold: np.ndarray, folds: int, out: Pat
     names = out / "folds" / "classnames.txt"
     atomic_write_text(names, "".join(c + "\n" for c in classes))
     given = p.labels.given
-    train = [str(Path(x).resolve()) for x in p.train.paths]
-    test = [(str(Path(x).resolve()), classes[y], "test") for x, y in zip(p.test.paths, p.test.labels)]
+    train = [_as_given(x) for x in p.train.paths]
+    test = [(_as_given(x), classes[y], "test") for x, y in zip(p.test.paths, p.test.labels)]
     table = out / "folds" / "data.csv"
     _write_fold_table(table, [(x, classes[given[i]], "train") for i, x in enumerate(train)] + test)
     cfgs = []
@@ -191,7 +199,7 @@ def audit(cfg: RunConfig, output: str | Path, folds: int = 5, review: bool = Tru
     probs, p, fold = cross_fit_probabilities(cfg, folds, out)
     classes = p.train.classnames
     scores = score_labels(p.labels.given, probs)
-    table = pd.DataFrame({"path": [str(Path(x).resolve()) for x in p.train.paths],
+    table = pd.DataFrame({"path": [_as_given(x) for x in p.train.paths],
                           "given": [classes[i] for i in scores["given_idx"]],
                           "suggested": [classes[i] for i in scores["suggested_idx"]], "fold": fold})
     table = pd.concat([table, scores.drop(columns=["given_idx", "suggested_idx"])], axis=1)
