@@ -113,3 +113,39 @@ def test_audit_names_images_by_the_paths_the_user_gave(data, tmp_path):
     paths = list(pd.read_csv(tmp_path / "audit" / "audit.csv")["path"])
     assert len(paths) == 60 and all(p.startswith(str(link) + "/") for p in paths)
     assert set(paths) == set(res.table["path"])
+
+
+def test_a_second_audit_after_corrections_never_scores_an_image_with_a_model_that_saw_it(tmp_path):
+    """Audit a label table, correct two labels, audit again into the same folder (and once more with fewer
+    folds): every fold run is retrained on the new table, none is reused from the first audit."""
+    from imagefolders import make_image_folder
+
+    make_image_folder(tmp_path / "img", classes=3, per_class=8, size=16, seed=4)
+    images = sorted((tmp_path / "img").rglob("*.png"))
+    rows = [(str(p), p.parent.name) for p in images]
+    table = tmp_path / "labels.csv"
+    table.write_text("path,label\n" + "".join(f"{p},{c}\n" for p, c in rows))
+    cfg = _cfg(table, tmp_path / "cache", epochs=1, noise_rate=0.0, dataset="csv")
+    audit(cfg, tmp_path / "audit", folds=3, review=False)
+    first = {k: json.loads((tmp_path / "audit" / "folds" / f"fold{k}" / "metrics.json").read_text())
+             for k in range(3)}
+    rows[0], rows[9] = (rows[0][0], rows[9][1]), (rows[9][0], rows[0][1])  # two corrections (a swap of labels)
+    table.write_text("path,label\n" + "".join(f"{p},{c}\n" for p, c in rows))
+    res = audit(cfg, tmp_path / "audit", folds=3, review=False)
+    given = dict(zip(res.table["path"], res.table["given"]))
+    shown = {c: c.replace("_", " ") for _, c in rows}  # class names are displayed with spaces
+    assert given[rows[0][0]] == shown[rows[0][1]] and given[rows[9][0]] == shown[rows[9][1]]
+    classes = sorted(set(shown.values()))
+    for k in range(3):
+        run = tmp_path / "audit" / "folds" / f"fold{k}"
+        assert json.loads((run / "metrics.json").read_text())["seconds"] != first[k]["seconds"]  # retrained
+        trained = {(r["path"], classes[int(r["given"])]) for r in csv.DictReader((run / "train_files.csv").open())}
+        held = set(res.table.loc[res.table["fold"] == k, "path"])
+        assert not held & {p for p, _ in trained}
+        assert {(p, given[p]) for p, _ in trained} == trained  # trained on the corrected labels
+    res2 = audit(cfg, tmp_path / "audit", folds=2, review=False)
+    assert sorted(p.name for p in (tmp_path / "audit" / "folds").glob("fold*")) == ["fold0", "fold1"]
+    for k in range(2):
+        run = tmp_path / "audit" / "folds" / f"fold{k}"
+        trained = {r["path"] for r in csv.DictReader((run / "train_files.csv").open())}
+        assert not set(res2.table.loc[res2.table["fold"] == k, "path"]) & trained

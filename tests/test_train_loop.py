@@ -153,3 +153,27 @@ def test_epoch_log_has_the_loss_of_clean_and_mislabeled_samples(data, tmp_path):
     assert noisy.sum() == 9  # half of 18 labels
     assert last["loss_noisy"] == pytest.approx(per[noisy].mean(), rel=1e-4)
     assert last["loss_clean"] == pytest.approx(per[~noisy].mean(), rel=1e-4)
+
+
+def test_a_finished_run_is_not_reused_when_its_label_table_changed(tmp_path):
+    """A run's identity includes the contents of the files its config names (here a label table): the same
+    command after the labels changed is refused in one line instead of returning the old run's numbers."""
+    from dspt.errors import TrainingError
+    from imagefolders import make_image_folder
+
+    make_image_folder(tmp_path / "img", classes=3, per_class=6, size=16)
+    images = sorted((tmp_path / "img").rglob("*.png"))
+    table = tmp_path / "labels.csv"
+    table.write_text("path,label\n" + "".join(f"{p},{p.parent.name}\n" for p in images))
+    cfg = RunConfig(data=str(table), model="dspt-tiny", pretrained=None, shots=0, views=1, n_ctx=4, epochs=1,
+                    batch_size=4, loss="ce", device="cpu", cache_dir=str(tmp_path / "cache"),
+                    output=str(tmp_path / "run"), progress=False)
+    first = train(cfg)
+    assert train(cfg) == first  # unchanged inputs: the finished run is returned
+    assert json.loads((tmp_path / "run" / "inputs.json").read_text())["data"]
+    text = table.read_text().splitlines()
+    text[1] = text[1].rsplit(",", 1)[0] + "," + images[-1].parent.name  # one label corrected
+    table.write_text("\n".join(text) + "\n")
+    with pytest.raises(TrainingError, match="was trained on other contents of .*labels.csv") as info:
+        train(cfg)
+    assert "\n" not in str(info.value)

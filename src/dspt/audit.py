@@ -32,7 +32,7 @@ import pandas as pd
 import torch
 
 from .config import RunConfig
-from .errors import ConfigError, DataError
+from .errors import ConfigError, DataError, TrainingError
 from .io import atomic_write, atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -100,6 +100,28 @@ def _fold_configs(cfg: RunConfig, p: Any, fold: np.ndarray, folds: int, out: Pat
     return cfgs
 
 
+def _drop_stale_folds(cfgs: list[RunConfig], folder: Path) -> None:
+    """Remove the fold runs of an earlier audit that this one cannot reuse: a fold run whose table, held-out
+    list or labels changed (its input files' contents are recorded), or whose settings differ, would score
+    images with prompts that saw them; fold folders beyond this audit's count are left over too. The folds
+    folder is the audit's own, so they are retrained, never reused."""
+    import shutil
+
+    from .rundir import check_run_dir
+
+    keep = {Path(c.output).name for c in cfgs}
+    for run_dir in sorted(folder.glob("fold*")):
+        if run_dir.is_dir() and run_dir.name not in keep:
+            log.info("removing %s: left over from an audit with more folds", run_dir)
+            shutil.rmtree(run_dir)
+    for c in cfgs:
+        try:
+            check_run_dir(c.resolved(), Path(c.output))
+        except TrainingError as exc:
+            log.warning("retraining %s: %s", Path(c.output).name, str(exc).split(";")[0])
+            shutil.rmtree(c.output)
+
+
 def cross_fit_probabilities(cfg: RunConfig, folds: int, out: Path) -> tuple[np.ndarray, Any, np.ndarray]:
     """(probabilities [N, C], the prepared run, fold of each sample): every image predicted by the prompts of
     the fold run that left it out."""
@@ -115,6 +137,7 @@ def cross_fit_probabilities(cfg: RunConfig, folds: int, out: Path) -> tuple[np.n
         log.warning("classes %s have fewer images than folds (%d): some fold runs train without them", thin, folds)
     fold = fold_assignment(p.labels.given, folds, p.seeds["shots"])
     cfgs = _fold_configs(cfg, p, fold, folds, out)
+    _drop_stale_folds(cfgs, out / "folds")
     outcomes = train_batch(cfgs)
     for k, (status, payload) in enumerate(outcomes):
         if status != "ok":

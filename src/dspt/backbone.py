@@ -6,7 +6,6 @@ every feature-cache key, so two different weights never share cached features.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ import open_clip
 from open_clip.transformer import QuickGELU
 
 from .errors import BackboneError
+from .io import file_sha256  # noqa: F401 - re-exported: callers import it from here
 
 log = logging.getLogger(__name__)
 
@@ -102,14 +102,6 @@ class Backbone:
         with self.autocast():
             feats = self.model.encode_text(tokens)
         return torch.nn.functional.normalize(feats.float(), dim=-1)
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def resolve_device(device: str | None) -> torch.device:

@@ -3,6 +3,7 @@ cross-platform locks, and dspt's cache folder. The bottom layer of dspt: it impo
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import stat
@@ -180,3 +181,12 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
             with contextlib.suppress(json.JSONDecodeError):
                 out.append(json.loads(line))
     return out
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    """The sha256 of a file's bytes, read in chunks (checkpoints can be large)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

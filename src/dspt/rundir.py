@@ -19,12 +19,17 @@ from safetensors.torch import load_file, save_file
 
 from .config import RunConfig
 from .errors import TrainingError
-from .io import atomic_write, read_json
+from .io import atomic_write, atomic_write_json, file_sha256, read_json
 from .results import append_result, read_results
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.safetensors"
+#: the contents of the files a run's config names (a label table, an exclusion list, a class list, a noise file)
+INPUTS = "inputs.json"
+#: config fields that name small input files whose contents decide the run (image folders and model weights are
+#: keyed elsewhere: the feature cache by file identity, the backbone by its checkpoint's sha256)
+INPUT_FIELDS = ("data", "test_data", "exclude", "classnames", "noise_file")
 CHECKPOINT_FORMAT = 2  # 1 was a pickled checkpoint.pt (never loaded any more: it could run code)
 
 
@@ -43,6 +48,36 @@ def check_run_dir(cfg: RunConfig, run_dir: Path) -> None:
         diff = sorted(k for k, v in cfg.identity().items() if old.identity().get(k) != v)
         raise TrainingError(f"output folder '{run_dir}' holds a different run (differs in {', '.join(diff[:6])}); "
                             "choose another --output or delete that folder")
+    changed = changed_inputs(cfg, run_dir)
+    if changed:
+        raise TrainingError(f"output folder '{run_dir}' was trained on other contents of {changed[0]} (it changed "
+                            "since); choose another --output or delete that folder")
+
+
+def input_digests(cfg: RunConfig) -> dict[str, str]:
+    """sha256 of each file the config names in `INPUT_FIELDS` (folders are left out), keyed by field."""
+    out = {}
+    for name in INPUT_FIELDS:
+        value = getattr(cfg, name, None)
+        if value and Path(value).expanduser().is_file():
+            out[name] = file_sha256(Path(value).expanduser())
+    return out
+
+
+def save_inputs(cfg: RunConfig, run_dir: Path) -> None:
+    """Record what the run's input files held when it started (`check_run_dir` compares on every reuse)."""
+    atomic_write_json(run_dir / INPUTS, input_digests(cfg))
+
+
+def changed_inputs(cfg: RunConfig, run_dir: Path) -> list[str]:
+    """The input files (as named in the config) whose contents differ from what the run in `run_dir` was
+    trained on; empty for a folder without a record (a run from before records existed)."""
+    try:
+        recorded = read_json(Path(run_dir) / INPUTS)
+    except (OSError, ValueError):
+        return []
+    now = input_digests(cfg)
+    return [f"'{getattr(cfg, k)}' ({k})" for k in sorted(set(recorded) | set(now)) if recorded.get(k) != now.get(k)]
 
 
 def run_lock_path(run_dir: Path) -> Path:

@@ -45,8 +45,8 @@ from .optim import RunwiseSGD
 from .prompt import (PromptBatch, PromptClassifier, PromptLearner, check_prompt_tunable, context_drift,
                      mean_pairwise_cosine)
 from .results import append_result
-from .rundir import (check_run_dir, finished_metrics, has_checkpoint, is_finished, load_checkpoint, result_row,
-                     run_lock_path, save_checkpoint)
+from .rundir import (INPUTS, check_run_dir, finished_metrics, has_checkpoint, is_finished, load_checkpoint,
+                     result_row, run_lock_path, save_checkpoint, save_inputs)
 from .seeds import stream_seeds
 
 log = logging.getLogger(__name__)
@@ -597,6 +597,8 @@ def _setup(run: _Run, shared: dict[str, Any]) -> None:
                       seed=learner_seed(p.seeds["init"], j)) for j in range(1, run.method.learners)]
     run.lr = resolve_lr(cfg, p.train.num_classes)
     atomic_write_text(run_dir / "config.yaml", cfg.dump())  # after the inputs checked out: what runs
+    if not (run_dir / INPUTS).is_file():  # the contents of its input files, fixed when the run starts
+        save_inputs(cfg, run_dir)
     run.ctx0 = run.learner.ctx.detach().clone()
     with torch.no_grad():
         run.init_cos = mean_pairwise_cosine(_classifier(run).text_features())
