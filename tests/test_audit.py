@@ -149,3 +149,25 @@ def test_a_second_audit_after_corrections_never_scores_an_image_with_a_model_tha
         run = tmp_path / "audit" / "folds" / f"fold{k}"
         trained = {r["path"] for r in csv.DictReader((run / "train_files.csv").open())}
         assert not set(res2.table.loc[res2.table["fold"] == k, "path"]) & trained
+
+
+def test_folds_that_cannot_cross_fit_are_refused_in_one_line_before_anything_is_written(data, tmp_path):
+    from dspt.audit import check_folds
+    from dspt.errors import ConfigError
+
+    given = np.array([0, 0, 0, 1, 1, 1, 2])
+    with pytest.raises(ConfigError, match="class 'c' has 1 image\\(s\\), fewer than --folds 3") as info:
+        check_folds(given, ["a", "b", "c"], 3)
+    assert "\n" not in str(info.value) and "lower --folds" in str(info.value)
+    with pytest.raises(ConfigError, match="leaves a fold empty"):
+        check_folds(np.array([0, 1]), ["a", "b"], 3)
+    with pytest.raises(ConfigError, match="at least 2 folds"):
+        check_folds(given, ["a", "b", "c"], 1)
+    check_folds(given[:6], ["a", "b"], 3)  # 3 images per class, 3 folds: fine
+    # from the command line: one line, exit 2, no output folder
+    code, _, err = run_cli(["audit", "--data", str(data), "--model", "dspt-tiny", "--pretrained", "none",
+                            "--shots", "all", "--views", "1", "--device", "cpu", "--cache-dir", str(tmp_path / "c"),
+                            "--folds", "25", "-o", str(tmp_path / "audit"), "--no-progress"])
+    errors = [line for line in err.splitlines() if line.startswith("dspt: error:")]
+    assert code == 2 and len(errors) == 1 and "fewer than --folds 25" in errors[0]
+    assert not (tmp_path / "audit").exists()

@@ -122,19 +122,33 @@ def _drop_stale_folds(cfgs: list[RunConfig], folder: Path) -> None:
             shutil.rmtree(c.output)
 
 
-def cross_fit_probabilities(cfg: RunConfig, folds: int, out: Path) -> tuple[np.ndarray, Any, np.ndarray]:
-    """(probabilities [N, C], the prepared run, fold of each sample): every image predicted by the prompts of
-    the fold run that left it out."""
-    from .train import load_prompt, prepare, train_batch
-
-    p = prepare(cfg)
-    n, c = len(p.train), p.train.num_classes
+def check_folds(given: np.ndarray, classnames: list[str], folds: int) -> None:
+    """Refuse, in one line naming the fix, a split that cannot cross-fit: fewer than 2 folds, a fold with no
+    image, or a class with fewer images (by its given label) than folds, whose every fold run would then train
+    without it for the images it holds out."""
     if folds < 2:
         raise ConfigError(f"--folds {folds}: cross-fitting needs at least 2 folds")
-    counts = np.bincount(p.labels.given, minlength=c)
-    if (counts < folds).any():
-        thin = [p.train.classnames[i] for i in np.flatnonzero(counts < folds)][:3]
-        log.warning("classes %s have fewer images than folds (%d): some fold runs train without them", thin, folds)
+    if len(given) < folds:
+        raise ConfigError(f"--folds {folds} with {len(given)} training image(s) leaves a fold empty; use at most "
+                          f"--folds {max(len(given), 2)}")
+    counts = np.bincount(given, minlength=len(classnames))
+    thin = np.flatnonzero(counts < folds)
+    if len(thin):
+        worst = int(thin[np.argmin(counts[thin])])
+        raise ConfigError(f"class '{classnames[worst]}' has {int(counts[worst])} image(s), fewer than --folds {folds} "
+                          f"({len(thin)} such class(es)): a fold would hold out images of a class its run never "
+                          f"saw; lower --folds to {max(int(counts[counts > 0].min()), 2)} or drop the class")
+
+
+def cross_fit_probabilities(cfg: RunConfig, folds: int, out: Path, p: Any = None
+                            ) -> tuple[np.ndarray, Any, np.ndarray]:
+    """(probabilities [N, C], the prepared run, fold of each sample): every image predicted by the prompts of
+    the fold run that left it out. `p`: the prepared run, when the caller has it."""
+    from .train import load_prompt, prepare, train_batch
+
+    p = prepare(cfg) if p is None else p
+    n, c = len(p.train), p.train.num_classes
+    check_folds(p.labels.given, p.train.classnames, folds)
     fold = fold_assignment(p.labels.given, folds, p.seeds["shots"])
     cfgs = _fold_configs(cfg, p, fold, folds, out)
     _drop_stale_folds(cfgs, out / "folds")
@@ -216,10 +230,14 @@ def _pr_plot(table: pd.DataFrame, is_noisy: np.ndarray, path: Path) -> None:
 
 def audit(cfg: RunConfig, output: str | Path, folds: int = 5, review: bool = True) -> AuditResult:
     """Cross-fit, score, and write the audit of `cfg`'s training images into `output`."""
+    from .train import prepare
+
     cfg = cfg.resolved()
+    p = prepare(cfg)  # reads and checks the data before anything is written
+    check_folds(p.labels.given, p.train.classnames, folds)
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
-    probs, p, fold = cross_fit_probabilities(cfg, folds, out)
+    probs, p, fold = cross_fit_probabilities(cfg, folds, out, p)
     classes = p.train.classnames
     scores = score_labels(p.labels.given, probs)
     table = pd.DataFrame({"path": [_as_given(x) for x in p.train.paths],
