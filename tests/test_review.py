@@ -409,3 +409,64 @@ def test_browser_another_class_from_the_list(browser, dataset, tmp_path):
     assert text_of(browser, "counter") == "No changes"
     assert Select(browser.find_element("css selector", f"{card} select.other-class")).first_selected_option.text \
         == "choose…"
+
+
+def test_groups_come_in_the_order_of_their_most_suspicious_image(dataset, tmp_path):
+    table = dataset[2]
+    page = write_review_page(table, CLASSES, tmp_path / "review.html")
+    ranks = [int(c["data-rank"]) for c in parse(page).find("article", **{"class": "card"})]
+    firsts = _group_first_ranks(page.read_text())
+    assert len(firsts) > 1 and firsts == sorted(firsts) and min(ranks) == firsts[0]
+
+
+def _group_first_ranks(text: str) -> list[int]:
+    """The rank of the first card of each group section, in page order."""
+    out = []
+    for chunk in text.split('<section class="group"')[1:]:
+        m = re.search(r'data-rank="(\d+)"', chunk)
+        out.append(int(m.group(1)))
+    return out
+
+
+def test_browser_type_a_class_name_and_view_the_most_suspicious_first(browser, dataset, tmp_path):
+    """The type-ahead box picks a class by name (for 1000-class data, where a list is too long to scroll), and the
+    flat view shows every suspect most suspicious first across class pairs; both survive a reload."""
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import Select
+
+    table = dataset[2]
+    page = write_review_page(table, CLASSES, tmp_path / "page" / "review.html")
+    browser.get(page.as_uri())
+    assert severe_logs(browser) == []
+    options = browser.execute_script("return Array.from(document.querySelectorAll('#class-list option'))"
+                                     ".map(o => o.value);")
+    assert options == CLASSES  # one shared list, every class
+    row = next(i for i in table.index[table["flagged"]] if table.loc[i, "given"] == "class_0")
+    other = next(c for c in CLASSES if c not in (table.loc[row, "given"], table.loc[row, "suggested"]))
+    card = f'.card[data-row="{row}"]'
+
+    box = click(browser, f"{card} input.class-search")
+    box.send_keys("no such class", Keys.TAB)  # not a class: marked, nothing changes
+    assert "unknown" in box.get_attribute("class") and text_of(browser, "counter") == "No changes"
+    box.clear()
+    box.send_keys(other.upper(), Keys.TAB)  # a class name, in any case
+    assert text_of(browser, "counter") == "1 change: 1 relabelled, 0 dropped"
+    assert browser.find_element("css selector", f'{card} input[value="other"]').is_selected()
+    assert Select(browser.find_element("css selector", f"{card} select.other-class")).first_selected_option.text \
+        == other
+    assert box.get_attribute("value") == other
+
+    click(browser, "#view-flat")
+    ranks = browser.execute_script("return Array.from(document.querySelectorAll('#flat .card'))"
+                                   ".map(c => Number(c.dataset.rank));")
+    assert ranks == sorted(int(r) for r in table.loc[table["flagged"], "rank"])  # every suspect, by rank
+    assert not browser.find_element("css selector", "section.group").is_displayed()
+    assert reload_until(browser, lambda: browser.find_element("css selector", "#view-flat").is_selected())
+    assert browser.execute_script("return document.querySelectorAll('#flat .card').length;") == len(ranks)
+    assert browser.find_element("css selector", f"{card} input.class-search").get_attribute("value") == other
+    click(browser, "#view-groups")
+    assert browser.execute_script("return document.querySelectorAll('#flat .card').length;") == 0
+    assert browser.find_element("css selector", "section.group").is_displayed()
+    _, rows = download_csv(browser, tmp_path)
+    expected = [[p, other if i == row else g] for i, (p, g) in enumerate(zip(table["path"], table["given"]))]
+    assert rows[1:] == expected

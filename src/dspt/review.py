@@ -197,9 +197,10 @@ def write_review_page(table: pd.DataFrame, classnames: Sequence[str], out: str |
             item["detail"] = f"{paths[i]}: {type(exc).__name__}: {exc}"
             unreadable += 1
         groups.setdefault((index[given[i]], index[suggested[i]]), []).append(item)
+    # groups in the order of their most suspicious image (items are in rank order), not by size: the most
+    # confident suspects come first whichever pair they belong to
     group_list = [{"id": f"g{k}", "given": classes[g], "suggested": classes[s], "items": items}
-                  for k, ((g, s), items) in enumerate(sorted(groups.items(),
-                                                             key=lambda kv: (-len(kv[1]), kv[1][0]["rank"])))]
+                  for k, ((g, s), items) in enumerate(sorted(groups.items(), key=lambda kv: kv[1][0]["rank"]))]
 
     key = hashlib.sha1("\n".join([str(out.resolve())] + [f"{p}\t{g}" for p, g in zip(paths, given)])
                        .encode("utf-8")).hexdigest()[:16]
