@@ -171,3 +171,21 @@ def test_folds_that_cannot_cross_fit_are_refused_in_one_line_before_anything_is_
     errors = [line for line in err.splitlines() if line.startswith("dspt: error:")]
     assert code == 2 and len(errors) == 1 and "fewer than --folds 25" in errors[0]
     assert not (tmp_path / "audit").exists()
+
+
+def test_every_score_is_its_formula_and_is_measured(audited):
+    from dspt.audit import SCORES, score_labels
+
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.ones(4), size=40)
+    zs = rng.dirichlet(np.ones(4), size=40)
+    given = np.tile(np.arange(4), 10)
+    s = score_labels(given, probs, zs)
+    for i in range(40):
+        others = [probs[i, c] for c in range(4) if c != given[i]]
+        assert s["margin"][i] == pytest.approx(probs[i, given[i]] - max(others))
+        assert s["zeroshot_prob"][i] == pytest.approx(zs[i, given[i]])
+        assert s["combined_prob"][i] == pytest.approx(np.sqrt(probs[i, given[i]] * zs[i, given[i]]))
+    res, out = audited
+    assert set(SCORES) <= set(res.table.columns) and set(SCORES) <= set(res.metrics)
+    assert ((res.table["zeroshot_prob"] >= 0) & (res.table["zeroshot_prob"] <= 1)).all()

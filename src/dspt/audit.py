@@ -37,8 +37,16 @@ from .io import atomic_write, atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 
-#: The scores of an audit; low means suspicious for each.
-SCORES = ("label_quality", "given_prob")
+#: The scores of an audit; low means suspicious for each. The first two rank the images; the others are
+#: measured beside them (`detection_metrics`, where the true labels are known) so the choice can be revisited.
+SCORES = ("label_quality", "given_prob", "margin", "zeroshot_prob", "combined_prob")
+SCORE_TEXT = {
+    "label_quality": "cleanlab normalized margin of the out-of-sample probabilities (low: suspicious)",
+    "given_prob": "probability of the given label under the fold's tuned prompt (low: suspicious)",
+    "margin": "out-of-sample probability of the given label minus the largest other class's (low: suspicious)",
+    "zeroshot_prob": "probability of the given label under the zero-shot classifier, no tuning (low: suspicious)",
+    "combined_prob": "geometric mean of given_prob and zeroshot_prob (low: suspicious)",
+}
 
 
 @dataclass
@@ -168,8 +176,22 @@ def cross_fit_probabilities(cfg: RunConfig, folds: int, out: Path, p: Any = None
     return probs, p, fold
 
 
-def score_labels(given: np.ndarray, probs: np.ndarray) -> pd.DataFrame:
-    """cleanlab's label quality and issue flags, dspt's probability of the given label, the suggestion."""
+def zeroshot_probabilities(cfg: RunConfig, p: Any) -> np.ndarray:
+    """[N, C] class probabilities of every training image under the untuned (zero-shot) prompt: the reference an
+    audit must beat to be worth its tuning."""
+    from .train import zeroshot_text_features
+
+    feats = p.train_feats[0]
+    with torch.no_grad():
+        text = zeroshot_text_features(p.backbone, p.train.classnames, cfg.template)
+        logits = p.backbone.logit_scale * feats.float() @ text.to(feats.device).float().t()
+        return torch.softmax(logits.double(), -1).cpu().numpy()
+
+
+def score_labels(given: np.ndarray, probs: np.ndarray, zeroshot: np.ndarray | None = None) -> pd.DataFrame:
+    """cleanlab's label quality and issue flags, dspt's probability of the given label, its margin over the best
+    other class, the suggestion; with `zeroshot` (the untuned model's probabilities), its probability of the given
+    label and the geometric mean of the two."""
     from cleanlab.filter import find_label_issues
     from cleanlab.rank import get_label_quality_scores
 
@@ -179,9 +201,17 @@ def score_labels(given: np.ndarray, probs: np.ndarray) -> pd.DataFrame:
     except ValueError as exc:  # e.g. a class with no sample
         raise DataError(f"cleanlab could not estimate the label noise ({exc}); audit more images per class") from None
     suggested = probs.argmax(1)
-    return pd.DataFrame({"given_idx": given, "suggested_idx": suggested, "label_quality": quality,
-                         "given_prob": probs[np.arange(len(given)), given],
-                         "suggested_prob": probs[np.arange(len(given)), suggested], "flagged": flagged})
+    rows = np.arange(len(given))
+    given_prob = probs[rows, given]
+    others = probs.copy()
+    others[rows, given] = -np.inf
+    out = pd.DataFrame({"given_idx": given, "suggested_idx": suggested, "label_quality": quality,
+                        "given_prob": given_prob, "suggested_prob": probs[rows, suggested],
+                        "margin": given_prob - others.max(1), "flagged": flagged})
+    if zeroshot is not None:
+        out["zeroshot_prob"] = zeroshot[rows, given]
+        out["combined_prob"] = np.sqrt(given_prob * out["zeroshot_prob"].to_numpy())
+    return out
 
 
 def detection_metrics(table: pd.DataFrame, is_noisy: np.ndarray) -> dict[str, Any]:
@@ -195,7 +225,7 @@ def detection_metrics(table: pd.DataFrame, is_noisy: np.ndarray) -> dict[str, An
     k = int(flagged.sum())
     out["flagged"] = {"count": k, "precision": float(noisy[flagged].mean()) if k else math.nan,
                       "recall": float(flagged[noisy].mean()) if noisy.any() else math.nan}
-    for score in SCORES:
+    for score in [s for s in SCORES if s in table.columns]:
         suspicion = -table[score].to_numpy(float)
         both = noisy.any() and (~noisy).any()
         top = np.argsort(suspicion, kind="stable")[::-1][:k] if k else np.array([], dtype=int)
@@ -239,7 +269,7 @@ def audit(cfg: RunConfig, output: str | Path, folds: int = 5, review: bool = Tru
     out.mkdir(parents=True, exist_ok=True)
     probs, p, fold = cross_fit_probabilities(cfg, folds, out, p)
     classes = p.train.classnames
-    scores = score_labels(p.labels.given, probs)
+    scores = score_labels(p.labels.given, probs, zeroshot_probabilities(cfg, p))
     table = pd.DataFrame({"path": [_as_given(x) for x in p.train.paths],
                           "given": [classes[i] for i in scores["given_idx"]],
                           "suggested": [classes[i] for i in scores["suggested_idx"]], "fold": fold})
@@ -258,11 +288,8 @@ def audit(cfg: RunConfig, output: str | Path, folds: int = 5, review: bool = Tru
         _pr_plot(table, table["wrong_label"].to_numpy(bool), files["precision_recall.png"])
     summary = {"images": len(table), "flagged": int(table["flagged"].sum()), "folds": folds,
                "config": cfg.to_dict(), "true_labels_known": known, "detection": metrics,
-               "scores": {"label_quality": "cleanlab normalized margin of the out-of-sample probabilities "
-                                           "(low: suspicious)",
-                          "given_prob": "probability of the given label under the fold's tuned prompt (low: "
-                                        "suspicious)",
-                          "flagged": "cleanlab find_label_issues (confident learning, prune_by_noise_rate)"}}
+               "scores": SCORE_TEXT | {"flagged": "cleanlab find_label_issues (confident learning, "
+                                                  "prune_by_noise_rate)"}}
     files["audit.json"] = out / "audit.json"
     atomic_write_json(files["audit.json"], summary)
     if review:
