@@ -182,8 +182,8 @@ def test_every_score_is_its_formula_and_is_measured(audited):
     given = np.tile(np.arange(4), 10)
     s = score_labels(given, probs, zs)
     for i in range(40):
-        others = [probs[i, c] for c in range(4) if c != given[i]]
-        assert s["margin"][i] == pytest.approx(probs[i, given[i]] - max(others))
+        others = [probs[i, c] for c in range(4) if c != given[i]]  # cleanlab's label quality is the margin
+        assert s["label_quality"][i] == pytest.approx((probs[i, given[i]] - max(others) + 1) / 2)
         assert s["zeroshot_prob"][i] == pytest.approx(zs[i, given[i]])
         assert s["combined_prob"][i] == pytest.approx(np.sqrt(probs[i, given[i]] * zs[i, given[i]]))
     res, out = audited

@@ -39,11 +39,11 @@ log = logging.getLogger(__name__)
 
 #: The scores of an audit; low means suspicious for each. The first two rank the images; the others are
 #: measured beside them (`detection_metrics`, where the true labels are known) so the choice can be revisited.
-SCORES = ("label_quality", "given_prob", "margin", "zeroshot_prob", "combined_prob")
+SCORES = ("label_quality", "given_prob", "zeroshot_prob", "combined_prob")
 SCORE_TEXT = {
-    "label_quality": "cleanlab normalized margin of the out-of-sample probabilities (low: suspicious)",
+    "label_quality": "cleanlab normalized margin of the out-of-sample probabilities, (p_given - max other p + 1) / 2: "
+                     "the margin score, rescaled (low: suspicious)",
     "given_prob": "probability of the given label under the fold's tuned prompt (low: suspicious)",
-    "margin": "out-of-sample probability of the given label minus the largest other class's (low: suspicious)",
     "zeroshot_prob": "probability of the given label under the zero-shot classifier, no tuning (low: suspicious)",
     "combined_prob": "geometric mean of given_prob and zeroshot_prob (low: suspicious)",
 }
@@ -189,9 +189,9 @@ def zeroshot_probabilities(cfg: RunConfig, p: Any) -> np.ndarray:
 
 
 def score_labels(given: np.ndarray, probs: np.ndarray, zeroshot: np.ndarray | None = None) -> pd.DataFrame:
-    """cleanlab's label quality and issue flags, dspt's probability of the given label, its margin over the best
-    other class, the suggestion; with `zeroshot` (the untuned model's probabilities), its probability of the given
-    label and the geometric mean of the two."""
+    """cleanlab's label quality (the normalized margin: the margin of the given label over the best other class,
+    rescaled) and issue flags, dspt's probability of the given label, the suggestion; with `zeroshot` (the untuned
+    model's probabilities), its probability of the given label and the geometric mean of the two."""
     from cleanlab.filter import find_label_issues
     from cleanlab.rank import get_label_quality_scores
 
@@ -203,11 +203,8 @@ def score_labels(given: np.ndarray, probs: np.ndarray, zeroshot: np.ndarray | No
     suggested = probs.argmax(1)
     rows = np.arange(len(given))
     given_prob = probs[rows, given]
-    others = probs.copy()
-    others[rows, given] = -np.inf
     out = pd.DataFrame({"given_idx": given, "suggested_idx": suggested, "label_quality": quality,
-                        "given_prob": given_prob, "suggested_prob": probs[rows, suggested],
-                        "margin": given_prob - others.max(1), "flagged": flagged})
+                        "given_prob": given_prob, "suggested_prob": probs[rows, suggested], "flagged": flagged})
     if zeroshot is not None:
         out["zeroshot_prob"] = zeroshot[rows, given]
         out["combined_prob"] = np.sqrt(given_prob * out["zeroshot_prob"].to_numpy())

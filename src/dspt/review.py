@@ -42,7 +42,6 @@ SCORE_MEANINGS = {
     "label_quality": "cleanlab's label quality of the given label, 0-1: low means the label is likely wrong",
     "given_prob": "dspt's probability of the given label (out of sample), 0-1: low means the model doubts it",
     "suggested_prob": "dspt's probability of the suggested class, 0-1: high means a confident suggestion",
-    "margin": "probability of the given label minus the best other class's, -1 to 1: low means suspicious",
     "zeroshot_prob": "the untuned (zero-shot) model's probability of the given label, 0-1",
     "combined_prob": "geometric mean of the tuned and the zero-shot probability of the given label, 0-1",
 }
