@@ -97,10 +97,19 @@ def test_audit_a_run_folder_from_the_command_line(data, tmp_path):
                               "--loss", "ce", "--device", "cpu", "--cache-dir", str(tmp_path / "cache"), "-o", str(run),
                               "--no-progress"])
     assert code == 0, err
-    code, out, err = run_cli(["audit", str(run), "--folds", "3", "--no-review", "--no-progress"])
+    code, out, err = run_cli(["audit", str(run), "--folds", "3", "--no-review", "--no-progress", "--apply", "drop"])
     assert code == 0, err
-    assert "most suspicious first" in out and "AUROC" in out
+    assert "most suspicious first" in out and "AUROC" in out and "--apply drop" in out
     assert (run / "audit" / "audit.csv").is_file() and (run / "audit" / "folds" / "fold2" / "metrics.json").is_file()
+    table = pd.read_csv(run / "audit" / "audit.csv")
+    cleaned = pd.read_csv(run / "audit" / "cleaned_labels.csv")
+    assert list(cleaned.columns) == ["path", "label"] and len(cleaned) == int((~table["flagged"]).sum())
+    assert not set(cleaned["path"]) & set(table.loc[table["flagged"], "path"])
+    code, _, err = run_cli(["train", "--data", str(run / "audit" / "cleaned_labels.csv"), "--test-data",
+                            str(data / "test"), "--model", "dspt-tiny", "--pretrained", "none", "--shots", "all",
+                            "--views", "1", "--n-ctx", "4", "--epochs", "1", "--device", "cpu", "--cache-dir",
+                            str(tmp_path / "cache"), "-o", str(tmp_path / "clean_run"), "--no-progress"])
+    assert code == 0, err  # the cleaned table trains as it is
     code, out, err = run_cli(["audit", str(tmp_path / "nope")])
     assert code == 2 and err.count("\n") == 1 and "not a dspt run folder" in err
 
@@ -189,3 +198,12 @@ def test_every_score_is_its_formula_and_is_measured(audited):
     res, out = audited
     assert set(SCORES) <= set(res.table.columns) and set(SCORES) <= set(res.metrics)
     assert ((res.table["zeroshot_prob"] >= 0) & (res.table["zeroshot_prob"] <= 1)).all()
+
+
+def test_apply_drops_or_relabels_exactly_the_flagged_images():
+    from dspt.audit import apply_flags
+
+    table = pd.DataFrame({"path": ["a", "b", "c"], "given": ["x", "y", "x"], "suggested": ["y", "y", "z"],
+                          "flagged": [True, False, True]})
+    assert apply_flags(table, "drop").to_dict("list") == {"path": ["b"], "label": ["y"]}
+    assert apply_flags(table, "relabel").to_dict("list") == {"path": ["a", "b", "c"], "label": ["y", "y", "z"]}

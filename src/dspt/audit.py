@@ -255,8 +255,27 @@ def _pr_plot(table: pd.DataFrame, is_noisy: np.ndarray, path: Path) -> None:
     plt.close(fig)
 
 
-def audit(cfg: RunConfig, output: str | Path, folds: int = 5, review: bool = True) -> AuditResult:
-    """Cross-fit, score, and write the audit of `cfg`'s training images into `output`."""
+def apply_flags(table: pd.DataFrame, how: str) -> pd.DataFrame:
+    """The training labels after acting on the flags without review: `drop` leaves the flagged images out,
+    `relabel` gives them the suggested class. Columns path,label: what `dspt train --data FILE` reads."""
+    if how not in APPLY:
+        raise ConfigError(f"--apply '{how}' unknown; choose one of: {', '.join(APPLY)}")
+    flagged = table["flagged"].astype(bool)
+    if how == "drop":
+        kept = table[~flagged]
+        return pd.DataFrame({"path": kept["path"], "label": kept["given"]})
+    return pd.DataFrame({"path": table["path"], "label": table["suggested"].where(flagged, table["given"])})
+
+
+APPLY = ("drop", "relabel")
+
+
+def audit(cfg: RunConfig, output: str | Path, folds: int = 5, review: bool = True,
+          apply: str | None = None) -> AuditResult:
+    """Cross-fit, score, and write the audit of `cfg`'s training images into `output`; `apply` ("drop" or
+    "relabel") also writes cleaned_labels.csv (`apply_flags`)."""
+    if apply is not None and apply not in APPLY:
+        raise ConfigError(f"--apply '{apply}' unknown; choose one of: {', '.join(APPLY)}")
     from .train import prepare
 
     cfg = cfg.resolved()
@@ -289,6 +308,9 @@ def audit(cfg: RunConfig, output: str | Path, folds: int = 5, review: bool = Tru
                                                   "prune_by_noise_rate)"}}
     files["audit.json"] = out / "audit.json"
     atomic_write_json(files["audit.json"], summary)
+    if apply is not None:
+        files["cleaned_labels.csv"] = out / "cleaned_labels.csv"
+        atomic_write_text(files["cleaned_labels.csv"], apply_flags(table, apply).to_csv(index=False))
     if review:
         from .review import write_review_page
 

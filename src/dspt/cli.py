@@ -171,7 +171,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
         cfg = config_from_args(args)
         cfg.output = None
         out = Path(args.output or "dspt_audit")
-    res = audit(cfg, out, folds=args.folds, review=not args.no_review)
+    res = audit(cfg, out, folds=args.folds, review=not args.no_review, apply=args.apply)
     t = res.table
     print(f"{len(t)} images, {int(t['flagged'].sum())} flagged by cleanlab; most suspicious first:")
     cols = ["rank", "path", "given", "suggested", "label_quality", "given_prob", "flagged"]
@@ -180,8 +180,11 @@ def cmd_audit(args: argparse.Namespace) -> int:
         m = res.metrics
         print(f"\nagainst the known wrong labels ({m['flips']} of {m['images']}): flags precision "
               f"{m['flagged']['precision']:.2f} recall {m['flagged']['recall']:.2f}; " + "; ".join(
-                  f"{s} AUROC {m[s]['auroc']:.3f} AP {m[s]['average_precision']:.3f}" for s in ("label_quality",
-                                                                                              "given_prob")))
+                  f"{s} AUROC {m[s]['auroc']:.3f} AP {m[s]['average_precision']:.3f}" for s in (
+                      "label_quality", "given_prob", "zeroshot_prob") if s in m))
+    if "cleaned_labels.csv" in res.files:
+        print(f"\n--apply {args.apply}: {res.files['cleaned_labels.csv']}; train on it with: dspt train --data "
+              f"{res.files['cleaned_labels.csv']} (plus your model options)")
     print("\nwrote " + ", ".join(str(f) for f in res.files.values()))
     return 0
 
@@ -485,6 +488,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--folds", type=int, default=5, help="cross-fitting folds: each image is scored by "
                            "prompts tuned on the other folds (default 5)")
             p.add_argument("--no-review", action="store_true", help="no review page")
+            p.add_argument("--apply", choices=["drop", "relabel"], help="also write cleaned_labels.csv: the flagged "
+                           "images dropped, or relabelled to the suggested class (without review: the review page "
+                           "downloads the same file after a person checked it)")
             p.add_argument("--show", type=int, default=15, help="suspects to print (default 15)")
             p.description = ("Scores every training image out of sample (K-fold cross-fitting), with cleanlab's "
                              "label quality and issue flags and dspt's probability of the given label; writes "

@@ -194,7 +194,11 @@ def load_table(
     if test_root is not None and Path(test_root).expanduser().is_dir():  # a folder of class sub-folders
         from .imagefolder import load_image_folder
 
-        test = load_image_folder(test_root, class_folders=list(names), name=name)
+        root = Path(test_root).expanduser()
+        # a folder matches a class by its name as shown (underscores read as spaces, as folders are everywhere)
+        shown = {d.name.replace("_", " "): d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")}
+        folders = [shown.get(d, n) for d, n in zip(display, names)]
+        test = load_image_folder(root, class_folders=folders, name=name)
         test = ImageDataset(test.paths, test.labels, display, name=name, meta=test.meta)
         if len(test) == 0:
             raise DataError(f"test folder '{test_root}' has no images in class sub-folders named like the labels of "
