@@ -14,9 +14,11 @@ majority of three annotators, about 9 % wrong; `random_label1`, one annotator, a
 - per tuning pool, one dspt CSV table per label set, `<pool>/<label set>/cifar10n-<pool>.csv` for the label
   sets clean, aggre and random1 (columns path,label,clean_label,split): train with `--noise given` to use its
   labels (a realised noise rate is reported against `clean_label`), or with `--noise sym --noise-rate R` on
-  the clean table for injected noise. The tables of a pool share one file name on purpose: dspt names the
-  dataset after it, so runs on any label set of a pool read one feature cache (labels never change features;
-  the results store's `dataset` column then names the pool, not the label set);
+  the clean table for injected noise. The tables of a pool share one file name and list the images by the
+  same absolute paths on purpose: dspt names the dataset after the file and keys its feature cache by the
+  image paths, so runs on any label set of a pool read one cache (labels never change features; the results
+  store's `dataset` column then names the pool, not the label set). Absolute paths: move the case folder
+  and the tables point to the old place; build it again where it is needed;
   `noise.json`: the realised noise rate of each label set on each pool (train part, val part, all);
 - the prior: `dspt-tiny` (the demo's open_clip config) contrastively pretrained on the `pretrain` part with clean
   captions ("a photo of a {class}." and the other generic templates of `dspt.pretrain`) at logit scale 100,
@@ -43,7 +45,6 @@ import gzip
 import hashlib
 import io
 import json
-import os
 import shutil
 import sys
 import tarfile
@@ -58,7 +59,7 @@ from dspt.io import atomic_write, atomic_write_json, atomic_write_text, default_
 from dspt.miniature import DEMO_MODEL, PRETRAIN
 from dspt.pretrain import GENERIC_TEMPLATES
 
-CASE_VERSION = 1  # bump when the split, the label tables or the pretraining change
+CASE_VERSION = 2  # bump when the split, the label tables or the pretraining change
 TARBALL = "cifar10_jpeg.tar.gz"
 LABELS = "cifar10n_labels.csv.gz"
 #: label sets of a tuning pool: name -> column of the CIFAR-10N labels file (None: the true class)
@@ -280,8 +281,8 @@ def build_case(shared_dir: str | Path = DEFAULT_SHARED, out_dir: str | Path | No
         for ls, col in LABEL_SETS.items():
             dest = paths["tables"][pool][ls]
             dest.parent.mkdir(parents=True, exist_ok=True)
-            table = [(Path(os.path.relpath(where[m.name], dest.parent)).as_posix(),
-                      cls if col is None else noisy[m.name][col], cls, split) for m, cls, split in rows]
+            table = [(where[m.name].resolve().as_posix(), cls if col is None else noisy[m.name][col], cls, split)
+                     for m, cls, split in rows]
             _write_table(dest, table)
             noise[pool][ls] = {part: _rate([r[1] for r in table if part in ("all", r[3])],
                                            [r[2] for r in table if part in ("all", r[3])])
@@ -314,9 +315,9 @@ def describe(case: dict[str, Any]) -> str:
     """What the case holds, as printed by the command."""
     c, s = case["counts"], case["seconds"]
     lines = [f"CIFAR-10N case {'reused' if case['reused'] else 'built'}: {case['root']}",
-             f"  prior: {case['checkpoint']} ({DEMO_MODEL}, {case['settings']['pretrain']['epochs']} epochs on "
-             f"{c['pretrain']} clean-captioned training images, logit scale "
-             f"{case['settings']['pretrain']['logit_scale']:g})",
+             (f"  prior: {case['checkpoint']} ({DEMO_MODEL}, {case['settings']['pretrain']['epochs']} epochs on "
+              f"{c['pretrain']} clean-captioned training images, logit scale "
+              f"{case['settings']['pretrain']['logit_scale']:g})"),
              f"  test: {case['test']} ({c['test']} CIFAR-10 test images, clean labels)"]
     for pool in POOLS:
         lines.append(f"  {pool}: {c[pool]['train']} train + {c[pool]['val']} val images; tables "

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import logging
-import math
 import multiprocessing as mp
 import os
 import sys
@@ -159,8 +158,7 @@ def rate_table(runs: pd.DataFrame) -> str:
 def _diffs(d: pd.Series) -> str:
     if d.empty:
         return "-"
-    text = f"{signed(d.mean())} (n={len(d)}; {signed(d.min())} to {signed(d.max())})"
-    return text
+    return f"{signed(d.mean())} (n={len(d)}; {signed(d.min())} to {signed(d.max())})"
 
 
 def paired_table(off: pd.DataFrame, on: pd.DataFrame) -> str:
@@ -170,8 +168,8 @@ def paired_table(off: pd.DataFrame, on: pd.DataFrame) -> str:
     a = off.assign(collapsed_off=_collapsed(off).to_numpy())[keys + ["test_acc", "collapsed_off"]]
     b = on.assign(collapsed_on=_collapsed(on).to_numpy())[keys + ["test_acc", "collapsed_on", "guard_restores"]]
     pairs = a.merge(b, on=keys, suffixes=("_off", "_on"))
-    lines = ["| label set | method | lr | pairs | collapsed w/o guard: on - off (n; range) | "
-             "not collapsed: on - off (n; range) | runs the guard restored | still collapsed with guard |",
+    lines = [("| label set | method | lr | pairs | collapsed w/o guard: on - off (n; range) | "
+              "not collapsed: on - off (n; range) | runs the guard restored | still collapsed with guard |"),
              "|---|---|---|---|---|---|---|---|"]
     if pairs.empty:
         return "(no run finished in both grids)"
@@ -260,12 +258,13 @@ def main(argv: list[str] | None = None) -> int:
     parts = [head, "", f"Collapse guard {'on' if guard else 'off'}: {summary(mine)}.", "", rate_table(mine)]
     other = stores[not guard]
     if not other.empty:
-        parts += ["", f"Collapse guard {'off' if guard else 'on'} (the other grid, as far as it has finished): "
-                      f"{summary(other)}.", "", rate_table(other), "",
+        parts += ["", (f"Collapse guard {'off' if guard else 'on'} (the other grid, as far as it has finished): "
+                       f"{summary(other)}."), "", rate_table(other), "",
                   "Paired by seed: test accuracy with the guard minus without it (points):", "",
                   paired_table(stores[False], stores[True])]
     times["total"] = time.perf_counter() - t0
-    parts += ["", "Wall time of this call: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items())
+    parts += ["", "Tables of the finished runs only (--no-run)." if args.no_run else
+              "Wall time of this call: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items())
               + f" ({args.jobs} worker(s), {os.cpu_count()} CPU(s))."]
     text = "\n".join(parts)
     print("\n" + text)

@@ -20,7 +20,7 @@ from dspt.errors import DataError
 
 CLASSES = ("bird", "cat", "ship")
 TRAIN_PER_CLASS, TEST_PER_CLASS = 18, 5
-SIZES = dict(pretrain_per_class=4, pool_per_class=6, val_per_class=2, test_per_class=3)
+SIZES = {"pretrain_per_class": 4, "pool_per_class": 6, "val_per_class": 2, "test_per_class": 3}
 
 
 def _load_case_module():
@@ -135,11 +135,14 @@ def test_tables_hold_the_pools_with_their_labels_noise(built):
                 assert {r["clean_label"] for r in sel} == set(CLASSES)
                 rate = np.mean([r["label"] != r["clean_label"] for r in sel])
                 assert noise[pool][ls][part] == pytest.approx(rate)
-            pools.setdefault(pool, set(sources))
-            assert set(sources) == pools[pool]  # every label set of a pool lists the same images
+            # every label set of a pool lists the same images, spelled the same (one feature cache for all)
+            pools.setdefault(pool, [r["path"] for r in rows])
+            assert [r["path"] for r in rows] == pools[pool]
+            assert table.stem == f"cifar10n-{pool}" and all(Path(r["path"]).is_absolute() for r in rows)
         assert noise[pool]["clean"]["all"] == 0
-    assert not pools["dev"] & pools["final"]
-    all_rate = {ls: np.mean([labels[s][col] != labels[s]["true"] for s in pools["dev"]])
+    assert not set(pools["dev"]) & set(pools["final"])
+    dev = [_source(Path(case["tables"]["dev"]["clean"]), p) for p in pools["dev"]]
+    all_rate = {ls: np.mean([labels[s][col] != labels[s]["true"] for s in dev])
                 for ls, col in (("aggre", "aggre_label"), ("random1", "random_label1"))}
     assert noise["dev"]["aggre"]["all"] == pytest.approx(all_rate["aggre"])
     assert noise["dev"]["random1"]["all"] == pytest.approx(all_rate["random1"])

@@ -60,6 +60,14 @@ def test_tsv_without_header_integer_labels_and_class_list(tmp_path):
     assert s.train.meta["split"] == {"test_fraction": 0.2, "seed": 0}
 
 
+def test_a_test_table_gives_every_row_as_a_test_image(tmp_path):
+    rows = make_images(tmp_path, per=5)
+    (tmp_path / "train.csv").write_text("\n".join(["path,label"] + [f"{p},{c}" for p, c in rows[::2]]) + "\n")
+    (tmp_path / "test.csv").write_text("\n".join(["path,label"] + [f"{p},{c}" for p, c in rows[1::2]]) + "\n")
+    s = load_data("csv", root=tmp_path / "train.csv", test_root=tmp_path / "test.csv")
+    assert len(s.test) == len(rows[1::2]) and len(s.train) == len(rows[::2])  # no row of either is held back
+
+
 def test_integer_class_names_map_by_name_or_are_refused():
     from dspt.data.table import label_indexer
 

@@ -143,14 +143,9 @@ def label_indexer(values: list[str], classnames: list[str] | None, where: str):
     return classnames, to_index
 
 
-def load_table(
-    path: str | os.PathLike,
-    classnames: str | os.PathLike | None = None,
-    test_fraction: float = 0.2,
-    seed: int = 0,
-    test_root: str | os.PathLike | None = None,
-    name: str | None = None,
-) -> DataSplits:
+def _read_labelled(path: str | os.PathLike, classnames: str | os.PathLike | None, name: str | None):
+    """Every row of a label table as one dataset: (class names, their display names, the dataset, each row's
+    split, the table's path)."""
     rows, path = read_table(path)
     base = path.parent
     given_names = read_class_list(classnames) if classnames else None
@@ -181,6 +176,22 @@ def load_table(
     full = ImageDataset(paths, np.asarray(labels), display, name=name, meta=meta,
                         noisy_labels=np.asarray(noisy) if has_clean else None)
     sp = np.asarray(splits)
+    return names, display, full, sp, path
+
+
+def load_table(
+    path: str | os.PathLike,
+    classnames: str | os.PathLike | None = None,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    test_root: str | os.PathLike | None = None,
+    name: str | None = None,
+) -> DataSplits:
+    """The splits of a label table: its split column, else a seeded stratified test split; `test_root` (a table
+    or a folder of class sub-folders) gives the test images instead, every one of them."""
+    names, display, full, sp, path = _read_labelled(path, classnames, name)
+    given_names = read_class_list(classnames) if classnames else None
+    name = full.name
     train = full.subset(np.flatnonzero(sp == "train"))
     val = full.subset(np.flatnonzero(sp == "val")) if (sp == "val").any() else None
     if len(train) == 0:
@@ -204,7 +215,7 @@ def load_table(
             raise DataError(f"test folder '{test_root}' has no images in class sub-folders named like the labels of "
                             f"'{path}' ({', '.join(names[:5])}); name its sub-folders after the labels")
     elif test_root is not None:
-        test = load_table(test_root, classnames=classnames if classnames else None, name=name).train
+        test = _read_labelled(test_root, classnames if classnames else None, name)[2]  # every row is a test image
         if test.classnames != train.classnames:
             raise DataError(f"test file '{test_root}' has other classes than '{path}'; pass the same --classnames")
     elif (sp == "test").any():
