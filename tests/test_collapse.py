@@ -177,3 +177,17 @@ def test_the_report_names_collapsed_runs_and_counts_them_per_method(tmp_path):
     robust = rep.robustness.set_index("method")
     assert robust.loc["ce", "collapsed"] == 2 and robust.loc["dspt", "collapsed"] == 1
     assert np.isfinite(robust.loc["ce", "worst"])
+
+
+def test_in_a_batch_each_run_is_watched_on_its_own(images, tmp_path, toward_zero):
+    """A run driven onto one class and a healthy one trained as one batch: the first is flagged at the epoch it is
+    flagged alone, the second never."""
+    from dspt.train import train_batch
+
+    bad = _cfg(images, tmp_path / "bad", tmp_path / "cache", loss=toward_zero, lr=2.0)
+    good = _cfg(images, tmp_path / "good", tmp_path / "cache")
+    (s1, m1), (s2, m2) = train_batch([bad, good])
+    assert (s1, s2) == ("ok", "ok") and m1["batch_runs"] == 2
+    alone = train(_cfg(images, tmp_path / "alone", tmp_path / "cache", loss=toward_zero, lr=2.0))
+    assert m1["collapse"]["collapsed_at_epoch"] == alone["collapse"]["collapsed_at_epoch"] is not None
+    assert m2["collapse"]["first_collapse_epoch"] is None
