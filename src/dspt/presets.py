@@ -223,7 +223,7 @@ def describe(name: str) -> str:
         ("training", f"{spec.get('shots', 16)} shots, {spec.get('epochs')} epochs, "
                      f"batch {spec.get('batch_size', 32)}, n_ctx {spec.get('n_ctx', 16)}, class token "
                      f"{spec.get('class_token_position', 'end')}, context init {spec.get('ctx_init') or 'random'}"),
-        ("lr", preset.lr_rule),
+        ("lr", preset.lr_rule.removeprefix("learning rate: ")),
         ("losses", ", ".join(losses)),
         ("methods", (", ".join(methods) + " (each on CE)") if methods else "none"),
         ("seeds", ", ".join(str(s) for s in _as_list(spec.get("seed", 1)))),
