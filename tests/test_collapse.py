@@ -191,3 +191,16 @@ def test_in_a_batch_each_run_is_watched_on_its_own(images, tmp_path, toward_zero
     alone = train(_cfg(images, tmp_path / "alone", tmp_path / "cache", loss=toward_zero, lr=2.0))
     assert m1["collapse"]["collapsed_at_epoch"] == alone["collapse"]["collapsed_at_epoch"] is not None
     assert m2["collapse"]["first_collapse_epoch"] is None
+
+
+@pytest.mark.parametrize("loss", ["ce", "dspt", "mae", "gce", "sce", "logitnorm"])
+def test_the_one_class_value_equals_the_loss_of_every_row(loss):
+    """Computed from two rows and the label shares; equal to the mean over every sample's own row."""
+    from dspt.collapse import one_class_loss
+
+    fn = get_loss(loss)
+    labels = torch.tensor([0, 1, 2, 2, 3, 2, 1, 4])
+    z = torch.zeros(len(labels), 5)
+    z[:, 2] = 50.0
+    want = float(fn.per_sample(z, labels).double().mean())
+    assert one_class_loss(fn, labels, 5, 2) == pytest.approx(want, rel=1e-5, abs=1e-6)
