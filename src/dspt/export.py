@@ -351,110 +351,6 @@ def _run_identity(run_dir: Path) -> dict[str, Any]:
             "finished": (run_dir / "metrics.json").is_file()}
 
 
-def _autocast(precision: str, device: Any) -> Any:
-    """The context the run's backbone encodes in for `precision` on `device`: `Backbone.autocast`'s own rule
-    (bf16 / fp16 autocast on a GPU, nothing on the CPU)."""
-    import types
-    import warnings
-
-    import torch
-
-    from .backbone import Backbone
-
-    with warnings.catch_warnings():  # an autocast for a GPU this machine lacks: only asked what it would do
-        warnings.simplefilter("ignore")
-        return Backbone.autocast(types.SimpleNamespace(precision=precision, device=torch.device(device)))
-
-
-def _computes_in(precision: str | None, device: Any) -> str:
-    """What a backbone of `precision` computes in on `device`: `precision` where it autocasts, else fp32."""
-    import torch
-
-    if not precision or precision == "fp32":
-        return "fp32"
-    return precision if isinstance(_autocast(precision, device), torch.autocast) else "fp32"
-
-
-def _run_config(run_dir: Path) -> Any:
-    from .config import RunConfig
-
-    try:
-        return RunConfig.load(run_dir / "config.yaml")
-    except (OSError, ValueError) as exc:  # ConfigError is a ValueError; a missing or unreadable record
-        log.debug("export: no usable config.yaml in %s (%s)", run_dir, exc)
-        return None
-
-
-def _run_precision(run_dir: Path, cfg: Any) -> dict[str, Any]:
-    """The run's precision setting, the device it trained on (environment.json) and what it computed in."""
-    if cfg is None:
-        return {"run": None, "run_device": None, "run_computed": "fp32"}
-    device = None
-    try:
-        device = json.loads((run_dir / "environment.json").read_text(encoding="utf-8")).get("device")
-    except (OSError, ValueError):
-        pass
-    if not device or device == "auto":  # not recorded: a mixed precision is only asked for on a GPU
-        device = cfg.device if cfg.device not in (None, "", "auto") else \
-            ("cuda" if cfg.precision != "fp32" else "cpu")
-    return {"run": cfg.precision, "run_device": str(device), "run_computed": _computes_in(cfg.precision, device)}
-
-
-def _run_test_split(cfg: Any, run_dir: Path) -> Any:
-    """The test images the run evaluated: its test split, less the unreadable ones it skipped."""
-    from .train import load_splits
-
-    test = load_splits(cfg).test
-    try:
-        skipped = json.loads((run_dir / "dataset.json").read_text(encoding="utf-8")) \
-            .get("skipped_evaluation_images", {}).get("test") or []
-    except (OSError, ValueError):
-        skipped = []
-    if skipped:
-        bad = set(skipped)
-        test = test.subset([i for i, p in enumerate(test.paths) if p not in bad])
-    return test
-
-
-def _compare_with_run(cfg: Any, run_dir: Path, backbone: Any, text: "torch.Tensor") -> dict[str, Any]:
-    """How many of the run's test predictions an fp32 image tower changes, against the same text features.
-
-    The run's side: its test features from its feature cache (the numbers it evaluated), else encoded here in
-    the run's precision (`backbone` carries it and computes in it on this device). The export's side: the same
-    images through the image tower in fp32 (the computation the ONNX graph holds)."""
-    import dataclasses
-
-    from .errors import DsptError
-    from .features import cached_features, encode_paths
-    from .metrics import predict
-
-    if cfg is None:
-        return {"compared": 0, "differ": None, "why": "the run has no config.yaml to find its test images"}
-    try:
-        test = _run_test_split(cfg, run_dir)
-    except (DsptError, OSError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return {"compared": 0, "differ": None, "why": f"its test images could not be loaded: {first}"}
-    if not len(test):
-        return {"compared": 0, "differ": None, "why": "the run has no test images"}
-    try:
-        n_run = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8"))["n_test"]
-    except (OSError, ValueError, KeyError):
-        n_run = None
-    if n_run is not None and int(n_run) != len(test):
-        return {"compared": 0, "differ": None, "why": f"the run was tested on {n_run} images, its data now gives "
-                                                      f"{len(test)}"}
-    fs = cached_features(backbone, test, "test", 0, 0, cfg.cache_dir, workers=cfg.workers)
-    fp32 = dataclasses.replace(backbone, precision="fp32")
-    ours = encode_paths(fp32, test.paths, fp32.test_transform(), desc="export: fp32 test features")
-    text = text.to(ours.device)
-    run_pred, our_pred = predict(fs.features[0].to(ours.device), text), predict(ours, text)
-    differ = np.flatnonzero(run_pred != our_pred)
-    return {"compared": len(test), "differ": len(differ),
-            "run_features": "feature cache" if fs.hit else "encoded by the export in the run's precision",
-            "differing_images": [test.paths[i] for i in differ[:20].tolist()]}  # the first 20
-
-
 def export_run(run_dir: str | os.PathLike, out_file: str | os.PathLike, format: str = "dspt",
                checkpoint: str | os.PathLike | None = None, device: str | None = "cpu",
                compare: bool = True) -> dict[str, Any]:
@@ -487,13 +383,15 @@ def export_run(run_dir: str | os.PathLike, out_file: str | os.PathLike, format: 
     with safe_open(str(run_dir / "prompt.safetensors"), framework="pt") as fh:
         prompt_meta = json.loads((fh.metadata() or {})["meta"])
     backbone = clf.backbone
-    cfg = _run_config(run_dir)
-    precision = _run_precision(run_dir, cfg)
+    from .export_precision import compare_with_run, computes_in, run_config, run_precision
+
+    cfg = run_config(run_dir)
+    precision = run_precision(run_dir, cfg)
     if cfg is not None:  # the run's own classifier (train._classifier): its precision and prompt computation
         backbone.precision = cfg.precision  # applied where this device applies it (a GPU), as in the run
         clf.truncate = clf.share_prefix = clf.mixed_precision = cfg.path == "fast"
     run_computed = precision["run_computed"]
-    precision["text_features"] = _computes_in(backbone.precision, backbone.device)
+    precision["text_features"] = computes_in(backbone.precision, backbone.device)
     precision["images"] = "fp32" if format == "onnx" else run_computed
     used = None
     if prompt_meta.get("checkpoint"):
@@ -521,7 +419,7 @@ def export_run(run_dir: str | os.PathLike, out_file: str | os.PathLike, format: 
                 f"compared with the run's (export on a GPU, --device cuda, to keep {run_computed})")
     elif run_computed != "fp32" and format == "onnx":
         if compare:
-            precision["test_predictions"] = cmp = _compare_with_run(cfg, run_dir, backbone, text)
+            precision["test_predictions"] = cmp = compare_with_run(cfg, run_dir, backbone, text)
         else:
             precision["test_predictions"] = cmp = {"compared": 0, "differ": None, "why": "compare=False"}
         note = f"export: the run used {run_computed}; this ONNX export computes in fp32; " + (
@@ -681,11 +579,13 @@ class ExportedClassifier:
         import torch
         import torch.nn.functional as F
 
+        from .export_precision import autocast_for
+
         out = []
         with torch.no_grad():
             for chunk in _batches(inputs, batch_size):
                 batch = torch.stack([self.transform(_open_rgb(src)) for _, src in chunk]).to(self.device)
-                with _autocast(self.precision, self.device):
+                with autocast_for(self.precision, self.device):
                     feats = self.tower(batch)
                 out.append(F.normalize(feats.float(), dim=-1).cpu())
         return torch.cat(out)
@@ -751,9 +651,11 @@ def load_classifier(file: str | os.PathLike, device: str | None = "cpu",
     if tuple(text.shape) != (len(meta["classnames"]), int(meta["embed_dim"])):
         raise ConfigError(f"'{path}' holds text features of shape {tuple(text.shape)} for "
                           f"{len(meta['classnames'])} classes; the file is damaged: export the run again")
+    from .export_precision import computes_in
+
     tower = _image_tower(backbone.model)  # the text tower goes with the backbone
     clf = ExportedClassifier(tower, text, meta, backbone.device, path)
-    here = _computes_in(clf.precision, backbone.device)
+    here = computes_in(clf.precision, backbone.device)
     if here != clf.precision:
         log.warning("'%s': its run computed in %s on a GPU; on %s this classifier computes in %s, so a few "
                     "predictions may differ from the run's (load it with device='cuda' to compute as the run did)",
