@@ -293,9 +293,9 @@ def robustness(runs: pd.DataFrame) -> pd.DataFrame:
 def collapses(runs: pd.DataFrame) -> pd.DataFrame:
     """Per method and learning rate, over every setting and seed: runs, runs that ended collapsed, and how many
     of those were one-class traps (no gradient left). The question a user picking a rate asks: is it safe?"""
-    frame = runs.assign(collapsed=collapsed_runs(runs).astype(int),
-                        trap=(collapsed_runs(runs) & (runs.get("collapse_kind", pd.Series("", index=runs.index))
-                                                  .astype(object) == "one-class trap")).astype(int))
+    flagged = collapsed_runs(runs)
+    kind = runs["collapse_kind"] if "collapse_kind" in runs.columns else pd.Series("", index=runs.index)
+    frame = runs.assign(collapsed=flagged.astype(int), trap=(flagged & (kind == "one-class trap")).astype(int))
     out = frame.groupby(["method", "lr"], sort=True).agg(runs=("test_acc", "size"), collapsed=("collapsed", "sum"),
                                                          traps=("trap", "sum")).reset_index()
     out["rate"] = out["collapsed"] / out["runs"]
