@@ -45,6 +45,7 @@ def test_train_writes_complete_run_and_second_run_hits_cache(data, tmp_path, cap
     assert _train(data, tmp_path / "run2", tmp_path / "cache", "--loss", "dspt") == 0
     m2 = json.loads((tmp_path / "run2" / "metrics.json").read_text())
     assert m2["cache_hit"] == {"train": True, "test": True}
+    assert m2["features_encoded"] == {"train": 0, "test": 0}
     err = capsys.readouterr().err
     assert "feature cache miss" in err and "feature cache hit" in err
     assert len(list(csv.DictReader((tmp_path / "results.csv").open()))) == 2
@@ -53,10 +54,14 @@ def test_train_writes_complete_run_and_second_run_hits_cache(data, tmp_path, cap
 def test_a_changed_key_never_reuses_the_cache(data, tmp_path):
     assert _train(data, tmp_path / "a", tmp_path / "cache") == 0
     assert _train(data, tmp_path / "b", tmp_path / "cache", "--views", "3") == 0
+    a = json.loads((tmp_path / "a" / "metrics.json").read_text())
     m = json.loads((tmp_path / "b" / "metrics.json").read_text())
     assert m["cache_hit"]["train"] is False and m["cache_hit"]["test"] is True
-    files = list((tmp_path / "cache" / "features").glob("*.safetensors"))
-    assert len(files) == 3 and not list((tmp_path / "cache" / "features").glob("*.tmp"))
+    # the views the first run encoded are reused; only the new ones are encoded
+    views_a, n = 2, a["n_train"]  # the first run: --views 2
+    assert m["features_encoded"]["train"] == (3 - views_a) * n and m["features_encoded"]["test"] == 0
+    stores = [d for d in (tmp_path / "cache" / "features").iterdir() if d.name != "identities"]
+    assert len(stores) == 1 and not list(stores[0].glob("*.tmp"))
 
 
 def test_predict_writes_csv(data, tmp_path, capsys):

@@ -300,13 +300,14 @@ def prepare(cfg: RunConfig, run_dir: Path | None = None, backbone: Backbone | No
         tr = cached_features(backbone, train, "train", views, seeds["views"], cfg.cache_dir, workers=cfg.workers)
     te = cached_features(backbone, test, "test", 0, seeds["views"], cfg.cache_dir, workers=cfg.workers)
     cache = {"train_hit": tr.hit, "test_hit": te.hit, "seconds": time.perf_counter() - t0,
-             "train_file": str(tr.path), "test_file": str(te.path),
+             "store": str(tr.path), "encoded": {"train": tr.encoded, "test": te.encoded},
              "skipped_images": int(sel.info.get("skipped_images", 0)) + len(bad_test) + len(bad_val)}
     p = Prepared(cfg, backbone, train, test, labels, tr.features.to(backbone.device),
                  te.features[0].to(backbone.device), cache, seeds)
     if val is not None:
         va = cached_features(backbone, val, "val", 0, seeds["views"], cfg.cache_dir, workers=cfg.workers)
         p.val, p.val_feats, p.val_labels, p.val_info = val, va.features[0].to(backbone.device), val_labels, val_info
+        cache["encoded"]["val"] = va.encoded
     return p
 
 
@@ -440,6 +441,7 @@ class _Run:
     lr_scale: float = 1.0  # halved by --collapse-guard at each collapse (checkpointed)
     tracker: CollapseTracker = field(default_factory=CollapseTracker)
     healthy: dict[str, torch.Tensor] | None = None  # --collapse-guard: the prompt state after the last healthy epoch
+    insample: torch.Tensor | None = None  # [N] float64: p(given label) of each training image, summed over epochs
 
 
 def train_batch(cfgs: list[RunConfig]) -> list[tuple[str, Any]]:
@@ -626,6 +628,8 @@ def _setup(run: _Run, shared: dict[str, Any]) -> None:
         run.tracker = CollapseTracker.from_log(kept)
     if ckpt is not None and "lr_scale" in ckpt["extra"]:
         run.lr_scale = float(ckpt["extra"]["lr_scale"])
+    if ckpt is not None and tuple(ckpt["extra"].get("insample_sum", torch.empty(0)).shape) == (len(p.train),):
+        run.insample = ckpt["extra"]["insample_sum"].double().cpu()
     append_jsonl(log_path, {"event": "start", "epoch": run.start, "cache": p.cache, "n_train": len(p.train),
                             "classes": p.train.num_classes, "noise": p.labels.summary(), "seeds": p.seeds,
                             "method": cfg.method, "lr": run.lr})
@@ -820,7 +824,9 @@ def _end_epoch(run: _Run, epoch: int, ctx: torch.Tensor, momentum: torch.Tensor,
         raise _diverged(f"non-finite prompt parameters after epoch {epoch + 1}", run.cfg, run.run_dir, run.last_saved)
     record = {"event": "epoch", "epoch": epoch, "lr": lr_at(run.cfg, epoch, run.lr * run.lr_scale),
               "loss": float(np.mean(losses)), "seconds": time.perf_counter() - t_epoch}
-    record.update(_epoch_diagnostics(run.p, text, run.loss_fn))
+    diagnostics, given_prob = _epoch_diagnostics(run.p, text, run.loss_fn)
+    record.update(diagnostics)
+    run.insample = given_prob if run.insample is None or epoch == 0 else run.insample + given_prob
     if type(run.method) is not Method:
         record.update({f"method_{k}": v for k, v in run.method.epoch_log().items()})
     guard = run.cfg.collapse_guard and restore is not None and run.healthy is not None
@@ -837,6 +843,7 @@ def _end_epoch(run: _Run, epoch: int, ctx: torch.Tensor, momentum: torch.Tensor,
     extra = dict(extra or {})
     if run.lr_scale != 1.0:
         extra["lr_scale"] = torch.tensor(run.lr_scale, dtype=torch.float64)
+    extra["insample_sum"] = run.insample
     save_checkpoint(run.run_dir, epoch, ctx, momentum, scaler.state_dict() if scaler.is_enabled() else None, extra)
     run.last_saved, run.last_test_acc = epoch, record["test_acc"]
 
@@ -853,21 +860,28 @@ def _finish(run: _Run, train_seconds: float, batch_runs: int = 1) -> None:
     metrics["collapse"] = run.tracker.summary(run.lr_scale)
     metrics["lr"], metrics["method"] = run.lr, cfg.method  # the base rate used (the loss's default when lr none)
     metrics["cache_hit"] = {"train": p.cache["train_hit"], "test": p.cache["test_hit"]}
+    metrics["features_encoded"] = p.cache["encoded"]  # image-views this run encoded; the rest came from the cache
     epochs_log = [r for r in read_jsonl(log_path) if r.get("event") == "epoch"]
     metrics["final_loss"] = epochs_log[-1]["loss"] if epochs_log else float("nan")
     metrics["first_loss"] = epochs_log[0]["loss"] if epochs_log else float("nan")
     save_prompt(run_dir, run.learner, cfg, p.backbone)
+    if run.insample is not None:  # what `dspt audit` averages as its in-sample score
+        mean = (run.insample / max(cfg.epochs, 1)).numpy()
+        atomic_write_text(run_dir / "in_sample.csv", csv_text(["index", "mean_given_prob"], (
+            (i, f"{v:.9g}") for i, v in enumerate(mean.tolist()))))
     atomic_write_json(run_dir / "metrics.json", metrics)  # written last: its presence marks a finished run
     append_result(cfg.results, result_row(cfg, metrics, run_dir))
     append_jsonl(log_path, {"event": "done", "test_acc": metrics["test_acc"]})
 
 
 @torch.no_grad()
-def _epoch_diagnostics(p: Prepared, text: torch.Tensor, loss_fn: torch.nn.Module) -> dict[str, float]:
+def _epoch_diagnostics(p: Prepared, text: torch.Tensor, loss_fn: torch.nn.Module
+                       ) -> tuple[dict[str, float], torch.Tensor]:
     """Cheap per-epoch curves: test accuracy, training fit to the given labels, and the mean per-sample
     logit-gradient norm and loss of clean vs mislabeled samples (the method's mechanism; logging only,
     nothing is selected on them), and the collapse measurements (`dspt.collapse`: decided on the training
-    samples alone, the test and validation spreads only recorded)."""
+    samples alone, the test and validation spreads only recorded). Also each training image's probability of
+    its given label [N] (float64, CPU), whose mean over epochs is the in-sample score of an audit."""
     test_pred = predict(p.test_feats, text)
     test_acc = accuracy(test_pred, p.test.labels)
     train0 = p.train_feats[0]
@@ -882,10 +896,11 @@ def _epoch_diagnostics(p: Prepared, text: torch.Tensor, loss_fn: torch.nn.Module
         return float(values[mask].mean()) if mask.any() else float("nan")
 
     held = {"test": test_pred} | ({"val": predict(p.val_feats, text)} if p.val_feats is not None else {})
+    given_prob = torch.softmax(logits.double(), -1).gather(1, given[:, None]).squeeze(1).cpu()
     return {"test_acc": test_acc, "train_acc_given": accuracy(logits.argmax(-1).cpu().numpy(), p.labels.given),
             "grad_norm_clean": mean(norms, ~noisy), "grad_norm_noisy": mean(norms, noisy),
             "loss_clean": mean(losses, ~noisy), "loss_noisy": mean(losses, noisy)} | epoch_record(
-                logits, given, norms, losses, noisy, loss_fn, held)
+                logits, given, norms, losses, noisy, loss_fn, held), given_prob
 
 
 @torch.no_grad()

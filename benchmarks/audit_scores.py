@@ -1,0 +1,201 @@
+"""How well `dspt audit` finds wrong labels, per score, noise kind and audit loss, on the CIFAR-10N case
+(`benchmarks/cifar10n_case.py`: CIFAR-10 images, CIFAR-10N human labels, a miniature CLIP prior).
+
+On one pool of the case (`dev` to choose on; `final` only for the last measurement), per setting:
+- `sym`: the clean labels with 40 % injected symmetric noise; `pair`: 40 % pair (class to the next) noise;
+- `aggre`, `random1`: CIFAR-10N's human labels (majority vote, ~9 % wrong; one annotator, ~17 % wrong),
+and per audit loss (`--losses`, default dspt and ce), one `dspt.audit.audit` (5 folds, 10 epochs, the
+audit's default learning rate, the case's 10 cached views). Printed and written (`--md`, `--json`):
+- per score: AUROC and average precision of ranking the wrong labels first; precision and recall among as many
+  top-ranked images as there are wrong labels (the count a perfect estimate would flag);
+- the estimated share of wrong labels with its bootstrap interval, against the realised share, for both
+  estimators, and the precision and recall of the audit's own flags;
+- the image-views each audit encoded (a cold cache encodes each image once per view; later audits of the
+  same images, whatever their labels, encode none).
+With `--retrain`: per setting and loss, test accuracy after training on the noisy labels against training on the
+labels the audit cleaned (`--apply drop`), paired over `--seeds`.
+
+    python benchmarks/audit_scores.py                               # dev pool, all settings, dspt and ce
+    python benchmarks/audit_scores.py --pool final --retrain        # the final measurement
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from dspt.errors import DsptError
+from dspt.io import atomic_write_text
+from dspt.miniature import DEMO_MODEL, VIEWS
+
+SETTINGS = {"sym": ("clean", {"noise": "sym", "noise_rate": 0.4}), "pair": ("clean", {"noise": "pair", "noise_rate": 0.4}),
+            "aggre": ("aggre", {"noise": "given"}), "random1": ("random1", {"noise": "given"})}
+LOSSES = ("dspt", "ce")
+EPOCHS = 10
+FOLDS = 5
+
+
+def _case_module():
+    """benchmarks/ is not a package: load the case builder beside this file by path."""
+    if "cifar10n_case" in sys.modules:
+        return sys.modules["cifar10n_case"]
+    spec = importlib.util.spec_from_file_location("cifar10n_case", Path(__file__).with_name("cifar10n_case.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def base_config(case: dict[str, Any], pool: str, setting: str, loss: str, epochs: int, **extra: Any):
+    from dspt.config import RunConfig
+
+    table, noise = SETTINGS[setting]
+    return RunConfig(data=str(case["tables"][pool][table]), dataset="csv", test_data=str(case["test"]),
+                     model=DEMO_MODEL, pretrained=None, checkpoint=str(case["checkpoint"]), template=case["template"],
+                     ctx_init="a photo of a", shots=0, epochs=epochs, views=10, loss=loss, seed=0, progress=False,
+                     **VIEWS, **noise, **extra)
+
+
+def run_audit(case: dict[str, Any], pool: str, setting: str, loss: str, out: Path, epochs: int, folds: int,
+              ) -> dict[str, Any]:
+    from dspt.audit import audit
+
+    cfg = base_config(case, pool, setting, loss, epochs, results=str(out / "results.csv"))
+    t0 = time.perf_counter()
+    res = audit(cfg, out, folds=folds, review=False, apply="drop")
+    summary = json.loads((out / "audit.json").read_text())
+    return {"setting": setting, "loss": loss, "seconds": time.perf_counter() - t0, "detection": res.metrics,
+            "noise_estimates": summary["noise_estimates"], "noise_estimate": summary["noise_estimate"],
+            "ranked_by": summary["ranked_by"], "encoded": summary["features_encoded"], "table": res.table}
+
+
+def _at_true_count(table: pd.DataFrame, score: str) -> tuple[float, float]:
+    noisy = table["wrong_label"].to_numpy(bool)
+    k = int(noisy.sum())
+    top = np.argsort(table[score].to_numpy(float), kind="stable")[:k]
+    return float(noisy[top].mean()) if k else float("nan"), float(noisy[top].sum() / max(k, 1))
+
+
+def score_table(records: list[dict[str, Any]]) -> str:
+    from dspt.audit import SCORES
+
+    lines = ["| setting | loss | wrong | score | AUROC | AP | precision / recall at the true count |",
+             "|---|---|---|---|---|---|---|"]
+    for r in records:
+        d, t = r["detection"], r["table"]
+        for score in [s for s in SCORES if s in t.columns]:
+            p, rec = _at_true_count(t, score)
+            lines.append(f"| {r['setting']} | {r['loss']} | {d['flips'] / d['images']:.1%} | {score} | "
+                         f"{d[score]['auroc']:.3f} | {d[score]['average_precision']:.3f} | {p:.2f} / {rec:.2f} |")
+    return "\n".join(lines)
+
+
+def estimate_table(records: list[dict[str, Any]]) -> str:
+    lines = ["| setting | loss | wrong | estimator | estimate [95 % interval] | flags: count, precision / recall | "
+             "cleanlab flags: count, precision / recall | image-views encoded |", "|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        d = r["detection"]
+        for name, e in r["noise_estimates"].items():
+            used = name == r["noise_estimate"]["method"]
+            flags = (f"{d['flagged']['count']}, {d['flagged']['precision']:.2f} / {d['flagged']['recall']:.2f}"
+                     if used else "-")
+            cl = d["cleanlab_flagged"]
+            lines.append(f"| {r['setting']} | {r['loss']} | {d['flips'] / d['images']:.1%} | {name}"
+                         f"{' (used)' if used else ''} | {e['rate']:.1%} [{e['low']:.1%}, {e['high']:.1%}] | {flags} | "
+                         f"{cl['count']}, {cl['precision']:.2f} / {cl['recall']:.2f} | {r['encoded']['total']} |")
+    return "\n".join(lines)
+
+
+def retrain(case: dict[str, Any], pool: str, setting: str, loss: str, audit_dir: Path, out: Path,
+            seeds: list[int], epochs: int) -> pd.DataFrame:
+    """Test accuracy of `loss` trained on the audited (noisy) labels and on the cleaned ones, per seed."""
+    from dataclasses import replace
+
+    from dspt.train import train_batch
+
+    table = pd.read_csv(audit_dir / "audit.csv")
+    noisy = audit_dir / "noisy_labels_as_audited.csv"
+    atomic_write_text(noisy, pd.DataFrame({"path": table["path"], "label": table["given"]}).to_csv(index=False))
+    names = audit_dir / "folds" / "classnames.txt"
+    rows = []
+    for which, data in (("noisy", noisy), ("cleaned", audit_dir / "cleaned_labels.csv")):
+        base = replace(base_config(case, pool, setting, loss, epochs), data=str(data), noise="given", noise_rate=0.0,
+                       classnames=str(names))
+        cfgs = [replace(base, seed=s, output=str(out / f"{setting}-{loss}-{which}-seed{s}"),
+                        results=str(out / "results.csv")) for s in seeds]
+        for s, (status, payload) in zip(seeds, train_batch(cfgs)):
+            if status != "ok":
+                raise payload
+            rows.append({"setting": setting, "loss": loss, "labels": which, "seed": s,
+                         "test_acc": payload["test_acc"], "images": payload.get("n_train")})
+    return pd.DataFrame(rows)
+
+
+def retrain_table(frame: pd.DataFrame) -> str:
+    from dspt.compare import t_interval
+
+    lines = ["| setting | loss | noisy labels: test acc | cleaned: test acc | cleaned - noisy [95 % CI] | seeds |",
+             "|---|---|---|---|---|---|"]
+    for (setting, loss), g in frame.groupby(["setting", "loss"], sort=False):
+        a = g[g["labels"] == "noisy"].set_index("seed")["test_acc"]
+        b = g[g["labels"] == "cleaned"].set_index("seed")["test_acc"]
+        common = a.index.intersection(b.index)
+        diff = (b[common] - a[common]).to_numpy()
+        mean, (low, high) = float(diff.mean()), t_interval(diff)
+        lines.append(f"| {setting} | {loss} | {a.mean():.1f} | {b.mean():.1f} | {mean:+.1f} [{low:+.1f}, {high:+.1f}] | "
+                     f"{len(common)} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--pool", choices=("dev", "final"), default="dev")
+    ap.add_argument("--settings", default=",".join(SETTINGS), help=f"of: {', '.join(SETTINGS)}")
+    ap.add_argument("--losses", default=",".join(LOSSES))
+    ap.add_argument("--epochs", type=int, default=EPOCHS)
+    ap.add_argument("--folds", type=int, default=FOLDS)
+    ap.add_argument("--retrain", action="store_true", help="also train on noisy vs cleaned labels")
+    ap.add_argument("--seeds", default="1,2,3", help="tuning seeds of --retrain")
+    ap.add_argument("--out", type=Path, default=None, help="audit folders (default: beside the case)")
+    ap.add_argument("--md", type=Path, help="write the tables as Markdown here")
+    ap.add_argument("--json", type=Path, help="write the figures as JSON here")
+    args = ap.parse_args(argv)
+    try:
+        case = _case_module().build_case()
+        out = args.out or Path(case["root"]) / f"audit-scores-{args.pool}"
+        records, retrained = [], []
+        for setting in args.settings.split(","):
+            for loss in args.losses.split(","):
+                print(f"audit: {setting}, {loss} ...", flush=True)
+                r = run_audit(case, args.pool, setting, loss, out / f"{setting}-{loss}", args.epochs, args.folds)
+                print(f"  {r['seconds']:.0f} s, {r['encoded']['total']} image-views encoded", flush=True)
+                records.append(r)
+                if args.retrain:
+                    retrained.append(retrain(case, args.pool, setting, loss, out / f"{setting}-{loss}",
+                                             out / "retrain", [int(s) for s in args.seeds.split(",")], args.epochs))
+    except DsptError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    text = [f"## Audit scores on the CIFAR-10N case, {args.pool} pool ({args.folds} folds, {args.epochs} epochs)", "",
+            score_table(records), "", estimate_table(records)]
+    if retrained:
+        text += ["", retrain_table(pd.concat(retrained)), ""]
+    print("\n".join(text))
+    if args.md:
+        atomic_write_text(args.md, "\n".join(text) + "\n")
+    if args.json:
+        atomic_write_text(args.json, json.dumps([{k: v for k, v in r.items() if k != "table"} for r in records]
+                                                + ([] if not retrained else [pd.concat(retrained).to_dict("records")]),
+                                                indent=1, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
