@@ -44,7 +44,11 @@ def test_planted_flips_rank_above_clean_samples(audited):
     assert m["flagged"]["precision"] >= 0.8 and m["flagged"]["recall"] >= 0.8
     table = res.table
     assert list(table["rank"]) == list(range(1, 61))
-    assert table["label_quality"].is_monotonic_increasing  # most suspicious first
+    assert table["given_prob"].is_monotonic_increasing  # most suspicious first, by the default score
+    e = res.noise_estimate  # the flags are as many as the estimated share of wrong labels says, the lowest scores
+    assert e.low <= e.rate <= e.high and int(table["flagged"].sum()) == round(e.rate * 60)
+    assert table["flagged"].to_numpy().tolist() == [True] * int(table["flagged"].sum()) + [False] * (
+        60 - int(table["flagged"].sum()))
     top = table.head(m["flips"])
     assert top["wrong_label"].mean() >= 0.8
     fixed = top[top["wrong_label"]]
@@ -93,13 +97,14 @@ def test_folds_are_stratified_and_seeded():
 def test_audit_a_run_folder_from_the_command_line(data, tmp_path):
     run = tmp_path / "run"
     code, out, err = run_cli(["train", "--data", str(data), "--model", "dspt-tiny", "--pretrained", "none",
-                              "--shots", "all", "--views", "1", "--n-ctx", "4", "--epochs", "2", "--noise-rate", "0.3",
-                              "--loss", "ce", "--device", "cpu", "--cache-dir", str(tmp_path / "cache"), "-o", str(run),
+                              "--shots", "all", "--views", "1", "--n-ctx", "4", "--epochs", "20", "--batch-size", "8",
+                              "--noise-rate", "0.3", "--loss", "ce", "--seed", "1", "--device", "cpu", "--cache-dir", str(tmp_path / "cache"), "-o", str(run),
                               "--no-progress"])
     assert code == 0, err
     code, out, err = run_cli(["audit", str(run), "--folds", "3", "--no-review", "--no-progress", "--apply", "drop"])
     assert code == 0, err
     assert "most suspicious first" in out and "AUROC" in out and "--apply drop" in out
+    assert "estimated share of wrong labels" in out and "0 image-view(s) encoded" in out  # all in the cache
     assert (run / "audit" / "audit.csv").is_file() and (run / "audit" / "folds" / "fold2" / "metrics.json").is_file()
     table = pd.read_csv(run / "audit" / "audit.csv")
     cleaned = pd.read_csv(run / "audit" / "cleaned_labels.csv")
@@ -203,7 +208,20 @@ def test_every_score_is_its_formula_and_is_measured(audited):
 def test_apply_drops_or_relabels_exactly_the_flagged_images():
     from dspt.audit import apply_flags
 
-    table = pd.DataFrame({"path": ["a", "b", "c"], "given": ["x", "y", "x"], "suggested": ["y", "y", "z"],
-                          "flagged": [True, False, True]})
-    assert apply_flags(table, "drop").to_dict("list") == {"path": ["b"], "label": ["y"]}
-    assert apply_flags(table, "relabel").to_dict("list") == {"path": ["a", "b", "c"], "label": ["y", "y", "z"]}
+    table = pd.DataFrame({"path": ["a", "b", "c", "d"], "given": ["x", "y", "x", "x"], "suggested": ["y", "y", "z", "x"],
+                          "flagged": [True, False, True, False]})
+    assert apply_flags(table, "drop").to_dict("list") == {"path": ["b", "d"], "label": ["y", "x"]}
+    assert apply_flags(table, "relabel").to_dict("list") == {"path": ["a", "b", "c", "d"],
+                                                             "label": ["y", "y", "z", "x"]}
+
+
+def test_dropping_every_image_of_a_class_is_refused_in_one_line():
+    from dspt.audit import apply_flags
+    from dspt.errors import DataError
+
+    table = pd.DataFrame({"path": list("abcd"), "given": ["x", "x", "y", "y"], "suggested": ["y", "y", "x", "y"],
+                          "flagged": [True, True, True, False]})
+    with pytest.raises(DataError, match="leave class 'x' without images .all 2 of its images flagged"):
+        apply_flags(table, "drop")
+    relabelled = apply_flags(table, "relabel")
+    assert list(relabelled["label"]) == ["y", "y", "x", "y"]

@@ -34,19 +34,11 @@ import torch
 from .config import RunConfig
 from .errors import ConfigError, DataError, TrainingError
 from .io import atomic_write, atomic_write_json, atomic_write_text
+from .audit_scores import DEFAULT_ESTIMATOR, DEFAULT_SCORE, SCORE_TEXT, SCORES
+from .noise_estimate import ESTIMATORS, NoiseEstimate, estimate_noise_rate, flag_top
 
 log = logging.getLogger(__name__)
 
-#: The scores of an audit; low means suspicious for each. The first two rank the images; the others are
-#: measured beside them (`detection_metrics`, where the true labels are known) so the choice can be revisited.
-SCORES = ("label_quality", "given_prob", "zeroshot_prob", "combined_prob")
-SCORE_TEXT = {
-    "label_quality": "cleanlab normalized margin of the out-of-sample probabilities, (p_given - max other p + 1) / 2: "
-                     "the margin score, rescaled (low: suspicious)",
-    "given_prob": "probability of the given label under the fold's tuned prompt (low: suspicious)",
-    "zeroshot_prob": "probability of the given label under the zero-shot classifier, no tuning (low: suspicious)",
-    "combined_prob": "geometric mean of given_prob and zeroshot_prob (low: suspicious)",
-}
 
 
 @dataclass
@@ -54,6 +46,8 @@ class AuditResult:
     table: pd.DataFrame  # one row per training image, most suspicious first
     metrics: dict[str, Any]  # per score: precision, recall, AUROC, average precision (true labels known)
     files: dict[str, Path]
+    noise_estimate: NoiseEstimate | None = None
+    encoded: dict[str, int] | None = None  # image-views encoded: by the audit's own pass, by its fold runs, total
 
 
 def fold_assignment(given: np.ndarray, folds: int, seed: int) -> np.ndarray:
@@ -148,10 +142,36 @@ def check_folds(given: np.ndarray, classnames: list[str], folds: int) -> None:
                           f"saw; lower --folds to {max(int(counts[counts > 0].min()), 2)} or drop the class")
 
 
-def cross_fit_probabilities(cfg: RunConfig, folds: int, out: Path, p: Any = None
-                            ) -> tuple[np.ndarray, Any, np.ndarray]:
-    """(probabilities [N, C], the prepared run, fold of each sample): every image predicted by the prompts of
-    the fold run that left it out. `p`: the prepared run, when the caller has it."""
+@dataclass
+class CrossFit:
+    probs: np.ndarray  # [N, C] out of sample: each image by the fold run that left it out
+    in_sample: np.ndarray  # [N] p(given) averaged over epochs and over the fold runs that trained on the image
+    fold: np.ndarray  # [N] fold of each image
+    encoded: int  # image-views the fold runs trained now encoded (0 when every image was in the cache)
+    p: Any  # the prepared run
+
+
+def _in_sample(cfgs: list[RunConfig], fold: np.ndarray, train: list[str]) -> np.ndarray:
+    """Each image's in-sample p(given), averaged over the fold runs that trained on it (`in_sample.csv` of a run,
+    in its `train_files.csv` order)."""
+    where = {x: i for i, x in enumerate(train)}
+    total, count = np.zeros(len(train)), np.zeros(len(train))
+    for c in cfgs:
+        run = Path(c.output)
+        paths = pd.read_csv(run / "train_files.csv")["path"].map(_as_given)
+        values = pd.read_csv(run / "in_sample.csv")["mean_given_prob"].to_numpy(float)
+        idx = paths.map(where)
+        if idx.isna().any() or len(values) != len(idx):
+            raise TrainingError(f"fold run {run} trained on images outside the audit; delete {run.parent} and "
+                                f"audit again")
+        total[idx.to_numpy(int)] += values
+        count[idx.to_numpy(int)] += 1
+    return total / np.maximum(count, 1)
+
+
+def cross_fit_probabilities(cfg: RunConfig, folds: int, out: Path, p: Any = None) -> CrossFit:
+    """Every image predicted by the prompts of the fold run that left it out, and its in-sample score.
+    `p`: the prepared run, when the caller has it."""
     from .train import load_prompt, prepare, train_batch
 
     p = prepare(cfg) if p is None else p
@@ -160,10 +180,14 @@ def cross_fit_probabilities(cfg: RunConfig, folds: int, out: Path, p: Any = None
     fold = fold_assignment(p.labels.given, folds, p.seeds["shots"])
     cfgs = _fold_configs(cfg, p, fold, folds, out)
     _drop_stale_folds(cfgs, out / "folds")
+    fresh = [not (Path(c.output) / "metrics.json").is_file() for c in cfgs]
     outcomes = train_batch(cfgs)
+    encoded = 0
     for k, (status, payload) in enumerate(outcomes):
         if status != "ok":
             raise payload
+        if fresh[k]:
+            encoded += sum(payload.get("features_encoded", {}).values())
     probs = np.zeros((n, c), dtype=np.float64)
     feats = p.train_feats[0]
     for k in range(folds):
@@ -173,7 +197,7 @@ def cross_fit_probabilities(cfg: RunConfig, folds: int, out: Path, p: Any = None
             text = clf.text_features().to(feats.device, feats.dtype)
             logits = p.backbone.logit_scale * feats[torch.as_tensor(held, device=feats.device)] @ text.t()
             probs[held] = torch.softmax(logits.double(), -1).cpu().numpy()
-    return probs, p, fold
+    return CrossFit(probs, _in_sample(cfgs, fold, [_as_given(x) for x in p.train.paths]), fold, encoded, p)
 
 
 def zeroshot_probabilities(cfg: RunConfig, p: Any) -> np.ndarray:
@@ -188,10 +212,12 @@ def zeroshot_probabilities(cfg: RunConfig, p: Any) -> np.ndarray:
         return torch.softmax(logits.double(), -1).cpu().numpy()
 
 
-def score_labels(given: np.ndarray, probs: np.ndarray, zeroshot: np.ndarray | None = None) -> pd.DataFrame:
+def score_labels(given: np.ndarray, probs: np.ndarray, zeroshot: np.ndarray | None = None,
+                 in_sample: np.ndarray | None = None) -> pd.DataFrame:
     """cleanlab's label quality (the normalized margin: the margin of the given label over the best other class,
-    rescaled) and issue flags, dspt's probability of the given label, the suggestion; with `zeroshot` (the untuned
-    model's probabilities), its probability of the given label and the geometric mean of the two."""
+    rescaled) and issue flags (`cleanlab_flagged`), dspt's probability of the given label, the suggestion; with
+    `zeroshot` (the untuned model's probabilities), its probability of the given label and the geometric mean of
+    the two; with `in_sample`, the in-sample score beside them."""
     from cleanlab.filter import find_label_issues
     from cleanlab.rank import get_label_quality_scores
 
@@ -204,24 +230,31 @@ def score_labels(given: np.ndarray, probs: np.ndarray, zeroshot: np.ndarray | No
     rows = np.arange(len(given))
     given_prob = probs[rows, given]
     out = pd.DataFrame({"given_idx": given, "suggested_idx": suggested, "label_quality": quality,
-                        "given_prob": given_prob, "suggested_prob": probs[rows, suggested], "flagged": flagged})
+                        "given_prob": given_prob, "suggested_prob": probs[rows, suggested],
+                        "cleanlab_flagged": flagged})
     if zeroshot is not None:
         out["zeroshot_prob"] = zeroshot[rows, given]
         out["combined_prob"] = np.sqrt(given_prob * out["zeroshot_prob"].to_numpy())
+    if in_sample is not None:
+        out["in_sample_prob"] = in_sample
     return out
 
 
 def detection_metrics(table: pd.DataFrame, is_noisy: np.ndarray) -> dict[str, Any]:
-    """Per score: AUROC and average precision of ranking the true flips first; for the flags, precision and
-    recall; for each score, precision and recall among as many top-ranked images as were flagged."""
+    """Per score: AUROC and average precision of ranking the true flips first; for the audit's flags and for
+    cleanlab's, precision and recall; for each score, precision and recall among as many top-ranked images as
+    were flagged."""
     from sklearn.metrics import average_precision_score, roc_auc_score
 
     noisy = np.asarray(is_noisy, dtype=bool)
     out: dict[str, Any] = {"flips": int(noisy.sum()), "images": len(noisy)}
     flagged = table["flagged"].to_numpy(bool)
     k = int(flagged.sum())
-    out["flagged"] = {"count": k, "precision": float(noisy[flagged].mean()) if k else math.nan,
-                      "recall": float(flagged[noisy].mean()) if noisy.any() else math.nan}
+    for column in ("flagged", "cleanlab_flagged"):
+        if column in table.columns:
+            f = table[column].to_numpy(bool)
+            out[column] = {"count": int(f.sum()), "precision": float(noisy[f].mean()) if f.any() else math.nan,
+                           "recall": float(f[noisy].mean()) if noisy.any() else math.nan}
     for score in [s for s in SCORES if s in table.columns]:
         suspicion = -table[score].to_numpy(float)
         both = noisy.any() and (~noisy).any()
@@ -241,7 +274,7 @@ def _pr_plot(table: pd.DataFrame, is_noisy: np.ndarray, path: Path) -> None:
     from sklearn.metrics import precision_recall_curve
 
     fig, ax = plt.subplots(figsize=(5, 4))
-    for score in SCORES:
+    for score in [s for s in SCORES if s in table.columns]:
         prec, rec, _ = precision_recall_curve(is_noisy, -table[score].to_numpy(float))
         ax.plot(rec, prec, label=score)
     ax.axhline(float(np.mean(is_noisy)), color="gray", linestyle="--", label="share of wrong labels")
@@ -263,6 +296,12 @@ def apply_flags(table: pd.DataFrame, how: str) -> pd.DataFrame:
     flagged = table["flagged"].astype(bool)
     if how == "drop":
         kept = table[~flagged]
+        emptied = sorted(set(table["given"]) - set(kept["given"]), key=str)
+        if emptied:
+            n = int((table["given"] == emptied[0]).sum())
+            raise DataError(f"--apply drop would leave class '{emptied[0]}' without images (all {n} of its images "
+                            f"flagged; {len(emptied)} such class(es)): the audit's prompts may have collapsed; review "
+                            f"the flags (review.html) or use --apply relabel")
         return pd.DataFrame({"path": kept["path"], "label": kept["given"]})
     return pd.DataFrame({"path": table["path"], "label": table["suggested"].where(flagged, table["given"])})
 
@@ -270,12 +309,17 @@ def apply_flags(table: pd.DataFrame, how: str) -> pd.DataFrame:
 APPLY = ("drop", "relabel")
 
 
-def audit(cfg: RunConfig, output: str | Path, folds: int = 5, review: bool = True,
-          apply: str | None = None) -> AuditResult:
-    """Cross-fit, score, and write the audit of `cfg`'s training images into `output`; `apply` ("drop" or
-    "relabel") also writes cleaned_labels.csv (`apply_flags`)."""
+def audit(cfg: RunConfig, output: str | Path, folds: int = 5, review: bool = True, apply: str | None = None,
+          score: str = DEFAULT_SCORE, estimator: str = DEFAULT_ESTIMATOR) -> AuditResult:
+    """Cross-fit, score, and write the audit of `cfg`'s training images into `output`, ranked by `score`; as many
+    images are flagged as the estimated share of wrong labels (`estimator`) says. `apply` ("drop" or "relabel")
+    also writes cleaned_labels.csv (`apply_flags`)."""
     if apply is not None and apply not in APPLY:
         raise ConfigError(f"--apply '{apply}' unknown; choose one of: {', '.join(APPLY)}")
+    if score not in SCORES:
+        raise ConfigError(f"--score '{score}' unknown; choose one of: {', '.join(SCORES)}")
+    if estimator not in ESTIMATORS:
+        raise ConfigError(f"--estimator '{estimator}' unknown; choose one of: {', '.join(ESTIMATORS)}")
     from .train import prepare
 
     cfg = cfg.resolved()
@@ -283,9 +327,14 @@ def audit(cfg: RunConfig, output: str | Path, folds: int = 5, review: bool = Tru
     check_folds(p.labels.given, p.train.classnames, folds)
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
-    probs, p, fold = cross_fit_probabilities(cfg, folds, out, p)
-    classes = p.train.classnames
-    scores = score_labels(p.labels.given, probs, zeroshot_probabilities(cfg, p))
+    fit = cross_fit_probabilities(cfg, folds, out, p)
+    p, fold, classes = fit.p, fit.fold, p.train.classnames
+    given = p.labels.given
+    scores = score_labels(given, fit.probs, zeroshot_probabilities(cfg, p), fit.in_sample)
+    estimates = {m: estimate_noise_rate(scores[score].to_numpy(float), given, fit.probs, method=m, seed=cfg.seed)
+                 for m in ESTIMATORS}
+    estimate = estimates[estimator]
+    scores["flagged"] = flag_top(scores[score].to_numpy(float), estimate.rate)
     table = pd.DataFrame({"path": [_as_given(x) for x in p.train.paths],
                           "given": [classes[i] for i in scores["given_idx"]],
                           "suggested": [classes[i] for i in scores["suggested_idx"]], "fold": fold})
@@ -294,25 +343,34 @@ def audit(cfg: RunConfig, output: str | Path, folds: int = 5, review: bool = Tru
     if known:
         table["true"] = [classes[i] for i in p.labels.true]
         table["wrong_label"] = p.labels.is_noisy
-    table = table.sort_values(["label_quality", "given_prob"], kind="stable").reset_index(drop=True)
+    tie = "given_prob" if score != "given_prob" else "label_quality"
+    table = table.sort_values([score, tie], kind="stable").reset_index(drop=True)
     table.insert(0, "rank", np.arange(1, len(table) + 1))
     files = {"audit.csv": out / "audit.csv"}
     atomic_write_text(files["audit.csv"], table.to_csv(index=False))
     metrics = detection_metrics(table, table["wrong_label"].to_numpy(bool)) if known else {}
     if known:
+        metrics["realised_noise_rate"] = float(table["wrong_label"].mean())
         files["precision_recall.png"] = out / "precision_recall.png"
         _pr_plot(table, table["wrong_label"].to_numpy(bool), files["precision_recall.png"])
+    encoded = {"audit": int(sum(p.cache["encoded"].values())), "fold_runs": fit.encoded}
+    encoded["total"] = encoded["audit"] + encoded["fold_runs"]
     summary = {"images": len(table), "flagged": int(table["flagged"].sum()), "folds": folds,
-               "config": cfg.to_dict(), "true_labels_known": known, "detection": metrics,
-               "scores": SCORE_TEXT | {"flagged": "cleanlab find_label_issues (confident learning, "
-                                                  "prune_by_noise_rate)"}}
+               "ranked_by": score, "noise_estimate": estimate.to_dict(),
+               "noise_estimates": {m: e.to_dict() for m, e in estimates.items()},
+               "features_encoded": encoded, "config": cfg.to_dict(), "true_labels_known": known,
+               "detection": metrics,
+               "scores": SCORE_TEXT | {"flagged": f"the {int(table['flagged'].sum())} lowest {score}: as many as the "
+                                                  f"estimated share of wrong labels ({estimate.method}) says",
+                                       "cleanlab_flagged": "cleanlab find_label_issues (confident learning, "
+                                                           "prune_by_noise_rate), for comparison"}}
     files["audit.json"] = out / "audit.json"
     atomic_write_json(files["audit.json"], summary)
-    if apply is not None:
-        files["cleaned_labels.csv"] = out / "cleaned_labels.csv"
-        atomic_write_text(files["cleaned_labels.csv"], apply_flags(table, apply).to_csv(index=False))
     if review:
         from .review import write_review_page
 
         files["review.html"] = write_review_page(table, list(classes), out / "review.html")
-    return AuditResult(table, metrics, files)
+    if apply is not None:  # last: a refusal (a class left empty) keeps the audit's own files, complete
+        files["cleaned_labels.csv"] = out / "cleaned_labels.csv"
+        atomic_write_text(files["cleaned_labels.csv"], apply_flags(table, apply).to_csv(index=False))
+    return AuditResult(table, metrics, files, estimate, encoded)

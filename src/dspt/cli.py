@@ -155,6 +155,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
+    from .audit import SCORES as AUDIT_SCORES
     from .audit import audit
 
     if args.run:
@@ -171,17 +172,21 @@ def cmd_audit(args: argparse.Namespace) -> int:
         cfg = config_from_args(args)
         cfg.output = None
         out = Path(args.output or "dspt_audit")
-    res = audit(cfg, out, folds=args.folds, review=not args.no_review, apply=args.apply)
+    res = audit(cfg, out, folds=args.folds, review=not args.no_review, apply=args.apply, score=args.score,
+                estimator=args.estimator)
     t = res.table
-    print(f"{len(t)} images, {int(t['flagged'].sum())} flagged by cleanlab; most suspicious first:")
-    cols = ["rank", "path", "given", "suggested", "label_quality", "given_prob", "flagged"]
-    print(t[cols].head(args.show).to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+    e, enc = res.noise_estimate, res.encoded
+    print(f"image features: {enc['total']} image-view(s) encoded ({enc['audit']} by the audit's own pass, "
+          f"{enc['fold_runs']} by its fold runs); the rest came from the cache")
+    print(f"{e.text()}\n{len(t)} images, {int(t['flagged'].sum())} flagged (the lowest {args.score}; cleanlab would "
+          f"flag {int(t['cleanlab_flagged'].sum())}); most suspicious first:")
+    cols = ["rank", "path", "given", "suggested", args.score, "flagged"]
+    print(t[list(dict.fromkeys(cols))].head(args.show).to_string(index=False, float_format=lambda x: f"{x:.3f}"))
     if res.metrics:
         m = res.metrics
-        print(f"\nagainst the known wrong labels ({m['flips']} of {m['images']}): flags precision "
-              f"{m['flagged']['precision']:.2f} recall {m['flagged']['recall']:.2f}; " + "; ".join(
-                  f"{s} AUROC {m[s]['auroc']:.3f} AP {m[s]['average_precision']:.3f}" for s in (
-                      "label_quality", "given_prob", "zeroshot_prob") if s in m))
+        print(f"\nagainst the known wrong labels ({m['flips']} of {m['images']}, {m['realised_noise_rate']:.1%}): "
+              f"flags precision {m['flagged']['precision']:.2f} recall {m['flagged']['recall']:.2f}; " + "; ".join(
+                  f"{s} AUROC {m[s]['auroc']:.3f} AP {m[s]['average_precision']:.3f}" for s in AUDIT_SCORES if s in m))
     if "cleaned_labels.csv" in res.files:
         print(f"\n--apply {args.apply}: {res.files['cleaned_labels.csv']}; train on it with: dspt train --data "
               f"{res.files['cleaned_labels.csv']} (plus your model options)")
@@ -481,6 +486,11 @@ def build_parser() -> argparse.ArgumentParser:
         if name in ("train", "zeroshot"):
             add_run_options(p)
         elif name == "audit":
+            from .audit_scores import DEFAULT_ESTIMATOR as AUDIT_DEFAULT_ESTIMATOR
+            from .audit_scores import DEFAULT_SCORE as AUDIT_DEFAULT_SCORE
+            from .audit_scores import ESTIMATORS as AUDIT_ESTIMATORS
+            from .audit_scores import SCORES as AUDIT_SCORE_NAMES
+
             add_run_options(p)
             p.set_defaults(shots=0)
             p.add_argument("run", nargs="?", help="a run folder to audit (its images, labels and settings); or "
@@ -492,8 +502,16 @@ def build_parser() -> argparse.ArgumentParser:
                            "images dropped, or relabelled to the suggested class (without review: the review page "
                            "downloads the same file after a person checked it)")
             p.add_argument("--show", type=int, default=15, help="suspects to print (default 15)")
-            p.description = ("Scores every training image out of sample (K-fold cross-fitting), with cleanlab's "
-                             "label quality and issue flags and dspt's probability of the given label; writes "
+            p.add_argument("--score", choices=AUDIT_SCORE_NAMES, default=AUDIT_DEFAULT_SCORE,
+                           help=f"the score that ranks the images and picks the flags (default {AUDIT_DEFAULT_SCORE}; "
+                                "docs/audit.md compares them)")
+            p.add_argument("--estimator", choices=AUDIT_ESTIMATORS, default=AUDIT_DEFAULT_ESTIMATOR,
+                           help="how the share of wrong labels, and so the number of flags, is estimated (default "
+                                f"{AUDIT_DEFAULT_ESTIMATOR}; printed with a bootstrap interval)")
+            p.description = ("Scores every training image out of sample (K-fold cross-fitting): the probability of "
+                             "the given label, cleanlab's label quality, the zero-shot model's probability and an "
+                             "in-sample average; estimates the share of wrong labels (with an interval) and flags "
+                             "that many of the most suspicious; writes "
                              "audit.csv, audit.json, review.html and, where the true labels are known, "
                              "precision_recall.png. -o is the audit folder (default RUN/audit or dspt_audit). "
                              "Without a run, every image of --data is audited (--shots 0).")

@@ -19,9 +19,10 @@ from typing import Any
 
 import numpy as np
 
+from .audit_scores import ESTIMATORS
+
 __all__ = ["ESTIMATORS", "NoiseEstimate", "estimate_noise_rate", "flag_top"]
 
-ESTIMATORS = ("mixture", "confident_joint")
 _EPS = 1e-6
 
 

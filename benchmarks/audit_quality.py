@@ -15,8 +15,8 @@ audit's default learning rate, the case's 10 cached views). Printed and written 
 With `--retrain`: per setting and loss, test accuracy after training on the noisy labels against training on the
 labels the audit cleaned (`--apply drop`), paired over `--seeds`.
 
-    python benchmarks/audit_scores.py                               # dev pool, all settings, dspt and ce
-    python benchmarks/audit_scores.py --pool final --retrain        # the final measurement
+    python benchmarks/audit_quality.py                               # dev pool, all settings, dspt and ce
+    python benchmarks/audit_quality.py --pool final --retrain        # the final measurement
 """
 from __future__ import annotations
 

@@ -1,0 +1,24 @@
+"""The scores of `dspt audit` and its defaults, apart from the audit itself so that the CLI can list them
+without importing torch. docs/audit.md measures each score; the defaults follow those measurements."""
+from __future__ import annotations
+
+__all__ = ["DEFAULT_ESTIMATOR", "DEFAULT_SCORE", "ESTIMATORS", "SCORES", "SCORE_TEXT"]
+
+#: The scores of an audit; low means suspicious for each. One ranks the images and picks the flags (--score);
+#: all are measured beside it (`detection_metrics`, where the true labels are known), so the choice can be revisited.
+SCORES = ("label_quality", "given_prob", "zeroshot_prob", "combined_prob", "in_sample_prob")
+SCORE_TEXT = {
+    "label_quality": "cleanlab normalized margin of the out-of-sample probabilities, (p_given - max other p + 1) / 2: "
+                     "the margin score, rescaled (low: suspicious)",
+    "given_prob": "probability of the given label under the fold's tuned prompt (low: suspicious)",
+    "zeroshot_prob": "probability of the given label under the zero-shot classifier, no tuning (low: suspicious)",
+    "combined_prob": "geometric mean of given_prob and zeroshot_prob (low: suspicious)",
+    "in_sample_prob": "probability of the given label averaged over the epochs of the fold runs that trained on the "
+                      "image (in sample; low: suspicious)",
+}
+#: the score that ranks audit.csv and sizes the flags, unless --score says otherwise
+DEFAULT_SCORE = "given_prob"
+#: how the share of wrong labels, and so the number of flags, is estimated (`dspt.noise_estimate`)
+DEFAULT_ESTIMATOR = "mixture"
+#: the estimators of the share of wrong labels (`dspt.noise_estimate`)
+ESTIMATORS = ("mixture", "confident_joint")

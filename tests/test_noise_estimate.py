@@ -1,0 +1,75 @@
+"""The estimated share of wrong labels that sizes an audit's flags: both estimators on inputs whose share is
+known, the bootstrap interval, the exact flag count, and the in-sample score a run records."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dspt.noise_estimate import estimate_noise_rate, flag_top
+
+
+def _scores(n: int, rate: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """p(given) of a separable case: wrong labels low, right ones high (logit-normal)."""
+    rng = np.random.default_rng(seed)
+    wrong = rng.random(n) < rate
+    logit = np.where(wrong, rng.normal(-2.5, 0.8, n), rng.normal(2.0, 0.8, n))
+    return 1 / (1 + np.exp(-logit)), wrong
+
+
+@pytest.mark.parametrize("rate", [0.1, 0.4])
+def test_mixture_recovers_a_separable_share_and_its_interval_covers_it(rate):
+    score, wrong = _scores(3000, rate)
+    e = estimate_noise_rate(score, method="mixture", bootstrap=100)
+    assert abs(e.rate - wrong.mean()) < 0.02 and e.low <= wrong.mean() <= e.high
+    assert e.high - e.low < 0.06 and e.method == "mixture" and e.images == 3000
+    assert "bootstrap interval" in e.text()
+
+
+def test_confident_joint_recovers_symmetric_noise_of_confident_probabilities():
+    rng = np.random.default_rng(1)
+    n, c = 2000, 4
+    true = rng.integers(0, c, n)
+    flip = rng.random(n) < 0.3
+    given = np.where(flip, (true + rng.integers(1, c, n)) % c, true)
+    probs = np.full((n, c), 0.02)
+    probs[np.arange(n), true] = 1 - 0.02 * (c - 1)  # a model that knows the true class
+    e = estimate_noise_rate(probs[np.arange(n), given], given, probs, method="confident_joint", bootstrap=50)
+    assert abs(e.rate - flip.mean()) < 0.02 and e.low <= flip.mean() <= e.high
+
+
+def test_same_seed_same_interval_and_unknown_estimator_is_refused():
+    score, _ = _scores(500, 0.3, seed=2)
+    a = estimate_noise_rate(score, bootstrap=40, seed=0)
+    assert a == estimate_noise_rate(score, bootstrap=40, seed=0)
+    with pytest.raises(ValueError, match="unknown; choose one of: mixture, confident_joint"):
+        estimate_noise_rate(score, method="guess")
+
+
+def test_flags_are_the_lowest_scores_and_exactly_as_many_as_the_share_says():
+    score = np.array([0.9, 0.1, 0.5, 0.1, 0.8, 0.3])
+    flags = flag_top(score, 0.5)
+    assert flags.sum() == 3 and flags.tolist() == [False, True, False, True, False, True]
+    assert flag_top(score, 0.0).sum() == 0 and flag_top(score, 1.0).all()
+
+
+def test_a_run_records_each_images_in_sample_probability_of_its_given_label(tmp_path):
+    """One epoch: the in-sample average is the probability of the given label under the final prompt."""
+    import pandas as pd
+    import torch
+
+    from dspt.config import RunConfig
+    from dspt.train import load_prompt, prepare, train
+    from imagefolders import make_split_folders
+
+    data = make_split_folders(tmp_path / "d", classes=3, train=6, test=2)
+    cfg = RunConfig(data=str(data), model="dspt-tiny", pretrained=None, shots=0, views=1, n_ctx=4, epochs=1,
+                    noise="sym", noise_rate=0.3, seed=0, device="cpu", cache_dir=str(tmp_path / "cache"),
+                    output=str(tmp_path / "run"), progress=False)
+    train(cfg)
+    got = pd.read_csv(tmp_path / "run" / "in_sample.csv")["mean_given_prob"].to_numpy()
+    p = prepare(cfg.resolved())
+    clf = load_prompt(tmp_path / "run", backbone=p.backbone)
+    with torch.no_grad():
+        logits = p.backbone.logit_scale * p.train_feats[0] @ clf.text_features().t()
+        want = torch.softmax(logits.double(), -1)[torch.arange(len(got)), torch.as_tensor(p.labels.given)].numpy()
+    assert len(got) == 18 and np.allclose(got, want, atol=1e-5)
