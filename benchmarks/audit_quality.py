@@ -4,16 +4,17 @@
 On one pool of the case (`dev` to choose on; `final` only for the last measurement), per setting:
 - `sym`: the clean labels with 40 % injected symmetric noise; `pair`: 40 % pair (class to the next) noise;
 - `aggre`, `random1`: CIFAR-10N's human labels (majority vote, ~9 % wrong; one annotator, ~17 % wrong),
-and per audit loss (`--losses`, default dspt and ce), one `dspt.audit.audit` (5 folds, 10 epochs, the
-audit's default learning rate, the case's 10 cached views). Printed and written (`--md`, `--json`):
+and per audit loss (`--losses`, default dspt, ce and ce with `--method dualprompt`, DeFT's detector, which then
+ranks by its own score), one `dspt.audit.audit` (5 folds, 10 epochs, the audit's default learning rate, the
+case's 10 cached views). Printed and written (`--md`, `--json`):
 - per score: AUROC and average precision of ranking the wrong labels first; precision and recall among as many
   top-ranked images as there are wrong labels (the count a perfect estimate would flag);
 - the estimated share of wrong labels with its bootstrap interval, against the realised share, for both
   estimators, and the precision and recall of the audit's own flags;
 - the image-views each audit encoded (a cold cache encodes each image once per view; later audits of the
   same images, whatever their labels, encode none).
-With `--retrain`: per setting and loss, test accuracy after training on the noisy labels against training on the
-labels the audit cleaned (`--apply drop`), paired over `--seeds`.
+With `--retrain`: per setting and plain loss (dspt, ce), test accuracy of that loss trained on the noisy labels
+against trained on the labels its own audit cleaned (`--apply drop`), paired over `--seeds`.
 
     python benchmarks/audit_quality.py                               # dev pool, all settings, dspt and ce
     python benchmarks/audit_quality.py --pool final --retrain        # the final measurement
@@ -37,7 +38,8 @@ from dspt.miniature import DEMO_MODEL, VIEWS
 
 SETTINGS = {"sym": ("clean", {"noise": "sym", "noise_rate": 0.4}), "pair": ("clean", {"noise": "pair", "noise_rate": 0.4}),
             "aggre": ("aggre", {"noise": "given"}), "random1": ("random1", {"noise": "given"})}
-LOSSES = ("dspt", "ce")
+#: audit losses; "LOSS+METHOD" audits with a method too (dualprompt: DeFT's dual-prompt detector)
+LOSSES = ("dspt", "ce", "ce+dualprompt")
 EPOCHS = 10
 FOLDS = 5
 
@@ -57,7 +59,8 @@ def base_config(case: dict[str, Any], pool: str, setting: str, loss: str, epochs
     from dspt.config import RunConfig
 
     table, noise = SETTINGS[setting]
-    return RunConfig(data=str(case["tables"][pool][table]), dataset="csv", test_data=str(case["test"]),
+    loss, _, method = loss.partition("+")
+    return RunConfig(method=method or "plain", data=str(case["tables"][pool][table]), dataset="csv", test_data=str(case["test"]),
                      model=DEMO_MODEL, pretrained=None, checkpoint=str(case["checkpoint"]), template=case["template"],
                      ctx_init="a photo of a", shots=0, epochs=epochs, views=10, loss=loss, seed=0, progress=False,
                      **VIEWS, **noise, **extra)
@@ -69,7 +72,8 @@ def run_audit(case: dict[str, Any], pool: str, setting: str, loss: str, out: Pat
 
     cfg = base_config(case, pool, setting, loss, epochs, results=str(out / "results.csv"))
     t0 = time.perf_counter()
-    res = audit(cfg, out, folds=folds, review=False, apply="drop")
+    score = "dual_prompt_clean" if cfg.method == "dualprompt" else "given_prob"
+    res = audit(cfg, out, folds=folds, review=False, apply="drop", score=score)
     summary = json.loads((out / "audit.json").read_text())
     return {"setting": setting, "loss": loss, "seconds": time.perf_counter() - t0, "detection": res.metrics,
             "noise_estimates": summary["noise_estimates"], "noise_estimate": summary["noise_estimate"],
@@ -177,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
                 r = run_audit(case, args.pool, setting, loss, out / f"{setting}-{loss}", args.epochs, args.folds)
                 print(f"  {r['seconds']:.0f} s, {r['encoded']['total']} image-views encoded", flush=True)
                 records.append(r)
-                if args.retrain:
+                if args.retrain and "+" not in loss:  # each plain loss: audit with it, then train with it
                     retrained.append(retrain(case, args.pool, setting, loss, out / f"{setting}-{loss}",
                                              out / "retrain", [int(s) for s in args.seeds.split(",")], args.epochs))
     except DsptError as exc:

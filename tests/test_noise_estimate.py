@@ -73,3 +73,44 @@ def test_a_run_records_each_images_in_sample_probability_of_its_given_label(tmp_
         logits = p.backbone.logit_scale * p.train_feats[0] @ clf.text_features().t()
         want = torch.softmax(logits.double(), -1)[torch.arange(len(got)), torch.as_tensor(p.labels.given)].numpy()
     assert len(got) == 18 and np.allclose(got, want, atol=1e-5)
+
+
+def test_dual_prompt_loss_and_clean_probability_against_their_formulas():
+    """float64 reference: the binary term averages the given class's and the other classes' BCE separately;
+    its gradient reaches both prompts."""
+    import torch
+
+    from dspt.methods.dualprompt import clean_probability, dual_loss
+
+    g = torch.Generator().manual_seed(0)
+    pos = torch.randn(5, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    neg = torch.randn(5, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.tensor([0, 3, 1, 1, 2])
+    m = (pos - neg).detach().numpy()
+    sig = 1 / (1 + np.exp(-m))
+    own = np.mean([-np.log(sig[i, y[i]]) for i in range(5)])
+    other = np.mean([-np.log(1 - sig[i, c]) for i in range(5) for c in range(4) if c != y[i]])
+    got = dual_loss(pos, neg, y)
+    assert abs(got.item() - (own + other)) < 1e-6
+    got.backward()
+    assert pos.grad.abs().sum() > 0 and torch.allclose(pos.grad, -neg.grad)
+    p = clean_probability(pos.detach(), neg.detach(), y).numpy()
+    assert np.allclose(p, sig[np.arange(5), y.numpy()], atol=1e-6)
+
+
+def test_dualprompt_audit_scores_out_of_sample_with_both_prompts(tmp_path):
+    from dspt.audit import audit
+    from dspt.config import RunConfig
+    from dspt.errors import ConfigError
+    from imagefolders import make_split_folders
+
+    data = make_split_folders(tmp_path / "d", classes=3, train=12, test=3)
+    cfg = RunConfig(data=str(data), model="dspt-tiny", pretrained=None, shots=0, views=1, n_ctx=4, epochs=3,
+                    batch_size=8, noise="sym", noise_rate=0.25, loss="ce", method="dualprompt", seed=0, device="cpu",
+                    cache_dir=str(tmp_path / "cache"), progress=False)
+    res = audit(cfg, tmp_path / "audit", folds=3, review=False, score="dual_prompt_clean")
+    t = res.table
+    assert t["dual_prompt_clean"].between(0, 1).all() and t["dual_prompt_clean"].is_monotonic_increasing
+    assert "dual_prompt_clean" in res.metrics and 0 <= res.metrics["dual_prompt_clean"]["auroc"] <= 1
+    with pytest.raises(ConfigError, match="needs --method dualprompt"):
+        audit(RunConfig(**{**cfg.to_dict(), "method": "plain"}), tmp_path / "x", folds=3, score="dual_prompt_clean")

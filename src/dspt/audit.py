@@ -149,6 +149,7 @@ class CrossFit:
     fold: np.ndarray  # [N] fold of each image
     encoded: int  # image-views the fold runs trained now encoded (0 when every image was in the cache)
     p: Any  # the prepared run
+    dual_clean: np.ndarray | None = None  # [N] out of sample, --method dualprompt: sigmoid(z+_given - z-_given)
 
 
 def _in_sample(cfgs: list[RunConfig], fold: np.ndarray, train: list[str]) -> np.ndarray:
@@ -172,7 +173,7 @@ def _in_sample(cfgs: list[RunConfig], fold: np.ndarray, train: list[str]) -> np.
 def cross_fit_probabilities(cfg: RunConfig, folds: int, out: Path, p: Any = None) -> CrossFit:
     """Every image predicted by the prompts of the fold run that left it out, and its in-sample score.
     `p`: the prepared run, when the caller has it."""
-    from .train import load_prompt, prepare, train_batch
+    from .train import prepare, train_batch
 
     p = prepare(cfg) if p is None else p
     n, c = len(p.train), p.train.num_classes
@@ -189,15 +190,28 @@ def cross_fit_probabilities(cfg: RunConfig, folds: int, out: Path, p: Any = None
         if fresh[k]:
             encoded += sum(payload.get("features_encoded", {}).values())
     probs = np.zeros((n, c), dtype=np.float64)
+    dual = np.zeros(n) if cfg.method == "dualprompt" else None
     feats = p.train_feats[0]
+    given = torch.as_tensor(p.labels.given, device=feats.device)
     for k in range(folds):
-        held = np.flatnonzero(fold == k)
-        clf = load_prompt(Path(cfgs[k].output), backbone=p.backbone, device=str(feats.device))
-        with torch.no_grad():
-            text = clf.text_features().to(feats.device, feats.dtype)
-            logits = p.backbone.logit_scale * feats[torch.as_tensor(held, device=feats.device)] @ text.t()
-            probs[held] = torch.softmax(logits.double(), -1).cpu().numpy()
-    return CrossFit(probs, _in_sample(cfgs, fold, [_as_given(x) for x in p.train.paths]), fold, encoded, p)
+        held = torch.as_tensor(np.flatnonzero(fold == k), device=feats.device)
+        logits = _fold_logits(Path(cfgs[k].output), p, feats[held], 0)
+        probs[held.cpu().numpy()] = torch.softmax(logits.double(), -1).cpu().numpy()
+        if dual is not None:
+            from .methods.dualprompt import clean_probability
+
+            negative = _fold_logits(Path(cfgs[k].output), p, feats[held], 1)
+            dual[held.cpu().numpy()] = clean_probability(logits, negative, given[held]).double().cpu().numpy()
+    return CrossFit(probs, _in_sample(cfgs, fold, [_as_given(x) for x in p.train.paths]), fold, encoded, p, dual)
+
+
+@torch.no_grad()
+def _fold_logits(run: Path, p: Any, feats: torch.Tensor, learner: int) -> torch.Tensor:
+    from .train import load_prompt
+
+    clf = load_prompt(run, backbone=p.backbone, device=str(feats.device), learner=learner)
+    text = clf.text_features().to(feats.device, feats.dtype)
+    return p.backbone.logit_scale * feats @ text.t()
 
 
 def zeroshot_probabilities(cfg: RunConfig, p: Any) -> np.ndarray:
@@ -213,7 +227,7 @@ def zeroshot_probabilities(cfg: RunConfig, p: Any) -> np.ndarray:
 
 
 def score_labels(given: np.ndarray, probs: np.ndarray, zeroshot: np.ndarray | None = None,
-                 in_sample: np.ndarray | None = None) -> pd.DataFrame:
+                 in_sample: np.ndarray | None = None, dual_clean: np.ndarray | None = None) -> pd.DataFrame:
     """cleanlab's label quality (the normalized margin: the margin of the given label over the best other class,
     rescaled) and issue flags (`cleanlab_flagged`), dspt's probability of the given label, the suggestion; with
     `zeroshot` (the untuned model's probabilities), its probability of the given label and the geometric mean of
@@ -237,6 +251,8 @@ def score_labels(given: np.ndarray, probs: np.ndarray, zeroshot: np.ndarray | No
         out["combined_prob"] = np.sqrt(given_prob * out["zeroshot_prob"].to_numpy())
     if in_sample is not None:
         out["in_sample_prob"] = in_sample
+    if dual_clean is not None:
+        out["dual_prompt_clean"] = dual_clean
     return out
 
 
@@ -318,6 +334,8 @@ def audit(cfg: RunConfig, output: str | Path, folds: int = 5, review: bool = Tru
         raise ConfigError(f"--apply '{apply}' unknown; choose one of: {', '.join(APPLY)}")
     if score not in SCORES:
         raise ConfigError(f"--score '{score}' unknown; choose one of: {', '.join(SCORES)}")
+    if score == "dual_prompt_clean" and cfg.method != "dualprompt":
+        raise ConfigError("--score dual_prompt_clean needs --method dualprompt (the fold runs' negative prompts)")
     if estimator not in ESTIMATORS:
         raise ConfigError(f"--estimator '{estimator}' unknown; choose one of: {', '.join(ESTIMATORS)}")
     from .train import prepare
@@ -330,7 +348,7 @@ def audit(cfg: RunConfig, output: str | Path, folds: int = 5, review: bool = Tru
     fit = cross_fit_probabilities(cfg, folds, out, p)
     p, fold, classes = fit.p, fit.fold, p.train.classnames
     given = p.labels.given
-    scores = score_labels(given, fit.probs, zeroshot_probabilities(cfg, p), fit.in_sample)
+    scores = score_labels(given, fit.probs, zeroshot_probabilities(cfg, p), fit.in_sample, fit.dual_clean)
     estimates = {m: estimate_noise_rate(scores[score].to_numpy(float), given, fit.probs, method=m, seed=cfg.seed)
                  for m in ESTIMATORS}
     estimate = estimates[estimator]

@@ -6,7 +6,7 @@ __all__ = ["DEFAULT_ESTIMATOR", "DEFAULT_SCORE", "ESTIMATORS", "SCORES", "SCORE_
 
 #: The scores of an audit; low means suspicious for each. One ranks the images and picks the flags (--score);
 #: all are measured beside it (`detection_metrics`, where the true labels are known), so the choice can be revisited.
-SCORES = ("label_quality", "given_prob", "zeroshot_prob", "combined_prob", "in_sample_prob")
+SCORES = ("label_quality", "given_prob", "zeroshot_prob", "combined_prob", "in_sample_prob", "dual_prompt_clean")
 SCORE_TEXT = {
     "label_quality": "cleanlab normalized margin of the out-of-sample probabilities, (p_given - max other p + 1) / 2: "
                      "the margin score, rescaled (low: suspicious)",
@@ -15,6 +15,9 @@ SCORE_TEXT = {
     "combined_prob": "geometric mean of given_prob and zeroshot_prob (low: suspicious)",
     "in_sample_prob": "probability of the given label averaged over the epochs of the fold runs that trained on the "
                       "image (in sample; low: suspicious)",
+    "dual_prompt_clean": "with --method dualprompt: sigmoid of the given class's positive minus negative prompt logit "
+                         "under the fold's prompts, the probability that the label is clean (DeFT's detector; low: "
+                         "suspicious)",
 }
 #: the score that ranks audit.csv and sizes the flags, unless --score says otherwise
 DEFAULT_SCORE = "given_prob"

@@ -962,9 +962,11 @@ def _find_checkpoint(meta: dict[str, Any], run_dir: Path, override: str | Path |
 
 
 def load_prompt(run_dir: str | Path, backbone: Backbone | None = None, device: str | None = "cpu",
-                checkpoint: str | Path | None = None) -> PromptClassifier:
+                checkpoint: str | Path | None = None, learner: int = 0) -> PromptClassifier:
     """Rebuild the classifier of a finished run. The backbone is loaded from the run's record (or given, or
-    from `checkpoint` when the file moved) and must carry the weights the run was trained with."""
+    from `checkpoint` when the file moved) and must carry the weights the run was trained with. `learner` j > 0:
+    a method's other learner j (co-teaching's second prompt, dualprompt's negative one), from the run's last
+    checkpoint."""
     from safetensors import safe_open
 
     run_dir = Path(run_dir)
@@ -980,11 +982,19 @@ def load_prompt(run_dir: str | Path, backbone: Backbone | None = None, device: s
     if expected and backbone.weights_id != expected:
         raise BackboneError(f"run '{run_dir}' was trained on weights {expected}, but the given backbone has "
                             f"{backbone.weights_id}; load the run's own model")
-    learner = PromptLearner(backbone, meta["classnames"], meta["n_ctx"], meta["ctx_init"], meta["csc"],
-                            meta["class_token_position"])
+    if learner == 0:
+        ctx = load_file(str(path))["ctx"]
+    else:
+        ckpt = load_checkpoint(run_dir)
+        if ckpt is None or f"ctx_{learner}" not in ckpt["extra"]:
+            raise ConfigError(f"'{run_dir}' holds no learner {learner} (its method trains fewer prompts, or its "
+                              "checkpoint is gone); pass a finished run of a method with that many learners")
+        ctx = ckpt["extra"][f"ctx_{learner}"]
+    prompt = PromptLearner(backbone, meta["classnames"], meta["n_ctx"], meta["ctx_init"], meta["csc"],
+                           meta["class_token_position"])
     with torch.no_grad():
-        learner.ctx.copy_(load_file(str(path))["ctx"].to(learner.ctx.device))
-    return PromptClassifier(backbone, learner)
+        prompt.ctx.copy_(ctx.to(prompt.ctx.device))
+    return PromptClassifier(backbone, prompt)
 
 
 def zeroshot(cfg: RunConfig) -> dict[str, Any]:

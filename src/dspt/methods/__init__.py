@@ -5,7 +5,7 @@ loss stays `--loss NAME`. See `dspt.methods.base` for the contract with the trai
 """
 from __future__ import annotations
 
-from . import coteaching, joapr, nlprompt  # noqa: F401 - importing registers the methods
+from . import coteaching, dualprompt, joapr, nlprompt  # noqa: F401 - importing registers the methods
 from .base import EpochView, Method
 from .registry import METHODS, check_method, get_method, method_names, register_method
 
