@@ -125,11 +125,15 @@ def retrain(case: dict[str, Any], pool: str, setting: str, loss: str, audit_dir:
     from dspt.train import train_batch
 
     table = pd.read_csv(audit_dir / "audit.csv")
-    noisy = audit_dir / "noisy_labels_as_audited.csv"
-    atomic_write_text(noisy, pd.DataFrame({"path": table["path"], "label": table["given"]}).to_csv(index=False))
+    true = dict(zip(table["path"], table["true"]))  # the clean labels ride along, so runs report their noise
+    noisy, cleaned = audit_dir / "noisy_labels_as_audited.csv", audit_dir / "cleaned_labels_with_truth.csv"
+    atomic_write_text(noisy, pd.DataFrame({"path": table["path"], "label": table["given"],
+                                           "clean_label": table["true"]}).to_csv(index=False))
+    kept = pd.read_csv(audit_dir / "cleaned_labels.csv")
+    atomic_write_text(cleaned, kept.assign(clean_label=kept["path"].map(true)).to_csv(index=False))
     names = audit_dir / "folds" / "classnames.txt"
     rows = []
-    for which, data in (("noisy", noisy), ("cleaned", audit_dir / "cleaned_labels.csv")):
+    for which, data in (("noisy", noisy), ("cleaned", cleaned)):
         base = replace(base_config(case, pool, setting, loss, epochs), data=str(data), noise="given", noise_rate=0.0,
                        classnames=str(names))
         cfgs = [replace(base, seed=s, output=str(out / f"{setting}-{loss}-{which}-seed{s}"),
@@ -137,23 +141,25 @@ def retrain(case: dict[str, Any], pool: str, setting: str, loss: str, audit_dir:
         for s, (status, payload) in zip(seeds, train_batch(cfgs)):
             if status != "ok":
                 raise payload
-            rows.append({"setting": setting, "loss": loss, "labels": which, "seed": s,
-                         "test_acc": payload["test_acc"], "images": payload.get("n_train")})
+            rows.append({"setting": setting, "loss": loss, "labels": which, "seed": s, "test_acc": payload["test_acc"],
+                         "images": payload["noise"]["n"], "wrong": payload["noise"]["realised_rate"]})
     return pd.DataFrame(rows)
 
 
 def retrain_table(frame: pd.DataFrame) -> str:
     from dspt.compare import t_interval
 
-    lines = ["| setting | loss | noisy labels: test acc | cleaned: test acc | cleaned - noisy [95 % CI] | seeds |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| setting | loss | noisy labels: images (wrong), test acc | cleaned: images (wrong), test acc | "
+             "cleaned - noisy [95 % CI] | seeds |", "|---|---|---|---|---|---|"]
     for (setting, loss), g in frame.groupby(["setting", "loss"], sort=False):
         a = g[g["labels"] == "noisy"].set_index("seed")["test_acc"]
         b = g[g["labels"] == "cleaned"].set_index("seed")["test_acc"]
         common = a.index.intersection(b.index)
         diff = (b[common] - a[common]).to_numpy()
         mean, (low, high) = float(diff.mean()), t_interval(diff)
-        lines.append(f"| {setting} | {loss} | {a.mean():.1f} | {b.mean():.1f} | {mean:+.1f} [{low:+.1f}, {high:+.1f}] | "
+        na, nb = g[g["labels"] == "noisy"].iloc[0], g[g["labels"] == "cleaned"].iloc[0]
+        lines.append(f"| {setting} | {loss} | {na['images']} ({na['wrong']:.1%}), {a.mean():.1f} | "
+                     f"{nb['images']} ({nb['wrong']:.1%}), {b.mean():.1f} | {mean:+.1f} [{low:+.1f}, {high:+.1f}] | "
                      f"{len(common)} |")
     return "\n".join(lines)
 
