@@ -72,7 +72,9 @@ def run_audit(case: dict[str, Any], pool: str, setting: str, loss: str, out: Pat
 
     cfg = base_config(case, pool, setting, loss, epochs, results=str(out / "results.csv"))
     t0 = time.perf_counter()
-    score = "dual_prompt_clean" if cfg.method == "dualprompt" else "given_prob"
+    from dspt.audit_scores import DEFAULT_SCORE
+
+    score = "dual_prompt_clean" if cfg.method == "dualprompt" else DEFAULT_SCORE
     res = audit(cfg, out, folds=folds, review=False, apply="drop", score=score)
     summary = json.loads((out / "audit.json").read_text())
     return {"setting": setting, "loss": loss, "seconds": time.perf_counter() - t0, "detection": res.metrics,

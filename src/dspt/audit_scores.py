@@ -20,7 +20,7 @@ SCORE_TEXT = {
                          "suspicious)",
 }
 #: the score that ranks audit.csv and sizes the flags, unless --score says otherwise
-DEFAULT_SCORE = "given_prob"
+DEFAULT_SCORE = "combined_prob"
 #: how the share of wrong labels, and so the number of flags, is estimated (`dspt.noise_estimate`)
 DEFAULT_ESTIMATOR = "mixture"
 #: the estimators of the share of wrong labels (`dspt.noise_estimate`)
