@@ -51,7 +51,7 @@ def test_learner_zero_of_a_two_learner_method_is_the_plain_run(images, tmp_path,
     b = load_file(str(tmp_path / "twin" / "prompt.safetensors"))["ctx"]
     assert torch.allclose(a, b, atol=1e-4)  # one text-tower pass over two prompts: float rounding only
     ckpt = load_checkpoint(tmp_path / "twin")
-    assert set(ckpt["extra"]) == {"ctx_1", "momentum_1", "insample_sum"}  # the last: the audit's in-sample score
+    assert set(ckpt["extra"]) == {"ctx_1", "momentum_1", "insample_sum", "insample_epochs"}  # the audit's in-sample score
     assert not torch.allclose(ckpt["extra"]["ctx_1"], ckpt["ctx"])  # the second learner has its own init
 
 

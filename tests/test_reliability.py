@@ -110,7 +110,8 @@ def stable(run: Path) -> str:
         metrics.pop(key)
     history = [{k: v for k, v in r.items() if k != "seconds"} for r in read_jsonl(run / "log.jsonl")
                if r.get("event") == "epoch"]
-    return json.dumps({"metrics": metrics, "history": history}, sort_keys=True)
+    in_sample = (run / "in_sample.csv").read_text()  # the audit's in-sample score: a resume must not change it
+    return json.dumps({"metrics": metrics, "history": history, "in_sample": in_sample}, sort_keys=True)
 
 
 def train_in_process(opts: dict) -> Path:
@@ -250,7 +251,7 @@ F.save_file = _half_then_wait
         proc.wait()
     stray = stray_temp_files(cache)
     assert len(stray) == 1 and Path(mark.read_text()) == stray[0]
-    assert not list((cache / "features").glob("*.safetensors")), "only the temp file may exist"
+    assert not list((cache / "features").rglob("*.safetensors")), "only the temp file may exist"
 
     code, _, err = run_cli(argv(opts))
     assert code == 0, err

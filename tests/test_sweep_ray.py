@@ -129,13 +129,13 @@ def test_resources_the_cluster_lacks_fail_before_anything_runs(ray_local, images
 def _kill_ray_worker_of(run: Path, thread: threading.Thread) -> int:
     """SIGKILL the Ray worker training `run` once it has logged 2 epochs; returns its checkpoint's epoch."""
     pid_file = holder_file(run_lock_path(run))
-    wait_until(lambda: pid_file.is_file() and len(epochs_logged(run)) >= 2, 60, f"2 epochs of {run.name}", thread)
+    wait_until(lambda: pid_file.is_file() and len(epochs_logged(run)) >= 2, 300, f"2 epochs of {run.name}", thread)
     pid = int(pid_file.read_text())
     assert pid != os.getpid()
     cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
     assert cmdline.startswith("ray::"), f"pid {pid} is not a Ray worker: {cmdline!r}"
     os.kill(pid, signal.SIGKILL)
-    wait_until(lambda: _dead(pid), 30, f"Ray worker {pid} to die")  # no checkpoint write after this point
+    wait_until(lambda: _dead(pid), 120, f"Ray worker {pid} to die")  # no checkpoint write after this point
     return load_checkpoint(run)["epoch"]
 
 
@@ -169,7 +169,7 @@ def test_killed_ray_worker_fails_its_cells_and_the_next_sweep_resumes_them(ray_l
     others = sorted(c.name for c in cells if c.config.epochs != epochs)
     thread, box = _sweep_in_thread(spec, batch_runs=batch_runs)
     killed_at = _kill_ray_worker_of(sweep / long_runs[0], thread)
-    thread.join(60)
+    thread.join(600)  # an upper bound, not a timing: two loaded cores can take minutes; a hang still fails
     assert not thread.is_alive(), "the sweep hangs on a killed Ray worker"
     res = box[0]
     assert [len(b) for b in res.batches] == [len(seeds)] * 3, "one task per epochs value: one run or a batch"

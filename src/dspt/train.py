@@ -442,6 +442,7 @@ class _Run:
     tracker: CollapseTracker = field(default_factory=CollapseTracker)
     healthy: dict[str, torch.Tensor] | None = None  # --collapse-guard: the prompt state after the last healthy epoch
     insample: torch.Tensor | None = None  # [N] float64: p(given label) of each training image, summed over epochs
+    insample_epochs: int = 0  # how many epochs `insample` sums (a checkpoint from before it existed: fewer)
 
 
 def train_batch(cfgs: list[RunConfig]) -> list[tuple[str, Any]]:
@@ -630,6 +631,7 @@ def _setup(run: _Run, shared: dict[str, Any]) -> None:
         run.lr_scale = float(ckpt["extra"]["lr_scale"])
     if ckpt is not None and tuple(ckpt["extra"].get("insample_sum", torch.empty(0)).shape) == (len(p.train),):
         run.insample = ckpt["extra"]["insample_sum"].double().cpu()
+        run.insample_epochs = int(ckpt["extra"].get("insample_epochs", torch.tensor(run.start)))
     append_jsonl(log_path, {"event": "start", "epoch": run.start, "cache": p.cache, "n_train": len(p.train),
                             "classes": p.train.num_classes, "noise": p.labels.summary(), "seeds": p.seeds,
                             "method": cfg.method, "lr": run.lr})
@@ -826,7 +828,9 @@ def _end_epoch(run: _Run, epoch: int, ctx: torch.Tensor, momentum: torch.Tensor,
               "loss": float(np.mean(losses)), "seconds": time.perf_counter() - t_epoch}
     diagnostics, given_prob = _epoch_diagnostics(run.p, text, run.loss_fn)
     record.update(diagnostics)
-    run.insample = given_prob if run.insample is None or epoch == 0 else run.insample + given_prob
+    fresh = run.insample is None or epoch == 0
+    run.insample = given_prob if fresh else run.insample + given_prob
+    run.insample_epochs = 1 if fresh else run.insample_epochs + 1
     if type(run.method) is not Method:
         record.update({f"method_{k}": v for k, v in run.method.epoch_log().items()})
     guard = run.cfg.collapse_guard and restore is not None and run.healthy is not None
@@ -844,6 +848,7 @@ def _end_epoch(run: _Run, epoch: int, ctx: torch.Tensor, momentum: torch.Tensor,
     if run.lr_scale != 1.0:
         extra["lr_scale"] = torch.tensor(run.lr_scale, dtype=torch.float64)
     extra["insample_sum"] = run.insample
+    extra["insample_epochs"] = torch.tensor(run.insample_epochs, dtype=torch.int64)
     save_checkpoint(run.run_dir, epoch, ctx, momentum, scaler.state_dict() if scaler.is_enabled() else None, extra)
     run.last_saved, run.last_test_acc = epoch, record["test_acc"]
 
@@ -866,7 +871,7 @@ def _finish(run: _Run, train_seconds: float, batch_runs: int = 1) -> None:
     metrics["first_loss"] = epochs_log[0]["loss"] if epochs_log else float("nan")
     save_prompt(run_dir, run.learner, cfg, p.backbone)
     if run.insample is not None:  # what `dspt audit` averages as its in-sample score
-        mean = (run.insample / max(cfg.epochs, 1)).numpy()
+        mean = (run.insample / max(run.insample_epochs, 1)).numpy()
         atomic_write_text(run_dir / "in_sample.csv", csv_text(["index", "mean_given_prob"], (
             (i, f"{v:.9g}") for i, v in enumerate(mean.tolist()))))
     atomic_write_json(run_dir / "metrics.json", metrics)  # written last: its presence marks a finished run
