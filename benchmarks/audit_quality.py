@@ -104,8 +104,8 @@ def score_table(records: list[dict[str, Any]]) -> str:
 
 
 def estimate_table(records: list[dict[str, Any]]) -> str:
-    lines = ["| setting | loss | wrong | estimator | estimate [95 % interval] | flags: count, precision / recall | "
-             "cleanlab flags: count, precision / recall | image-views encoded |", "|---|---|---|---|---|---|---|---|"]
+    lines = [("| setting | loss | wrong | estimator | estimate [95 % interval] | flags: count, precision / recall | "
+              "cleanlab flags: count, precision / recall | image-views encoded |"), "|---|---|---|---|---|---|---|---|"]
     for r in records:
         d = r["detection"]
         for name, e in r["noise_estimates"].items():
@@ -151,8 +151,8 @@ def retrain(case: dict[str, Any], pool: str, setting: str, loss: str, audit_dir:
 def retrain_table(frame: pd.DataFrame) -> str:
     from dspt.compare import t_interval
 
-    lines = ["| setting | loss | noisy labels: images (wrong), test acc | cleaned: images (wrong), test acc | "
-             "cleaned - noisy [95 % CI] | seeds |", "|---|---|---|---|---|---|"]
+    lines = [("| setting | loss | noisy labels: images (wrong), test acc | cleaned: images (wrong), test acc | "
+              "cleaned - noisy [95 % CI] | seeds |"), "|---|---|---|---|---|---|"]
     for (setting, loss), g in frame.groupby(["setting", "loss"], sort=False):
         a = g[g["labels"] == "noisy"].set_index("seed")["test_acc"]
         b = g[g["labels"] == "cleaned"].set_index("seed")["test_acc"]

@@ -7,13 +7,12 @@ import os
 import numpy as np
 import pytest
 import torch
+from imagefolders import make_image_folder
 
 import dspt.features as F
 import dspt.io
 from dspt.backbone import load_backbone
 from dspt.data import ImageDataset
-
-from imagefolders import make_image_folder
 
 
 @pytest.fixture(scope="module")

@@ -56,10 +56,10 @@ def test_a_run_records_each_images_in_sample_probability_of_its_given_label(tmp_
     """One epoch: the in-sample average is the probability of the given label under the final prompt."""
     import pandas as pd
     import torch
+    from imagefolders import make_split_folders
 
     from dspt.config import RunConfig
     from dspt.train import load_prompt, prepare, train
-    from imagefolders import make_split_folders
 
     data = make_split_folders(tmp_path / "d", classes=3, train=6, test=2)
     cfg = RunConfig(data=str(data), model="dspt-tiny", pretrained=None, shots=0, views=1, n_ctx=4, epochs=1,
@@ -99,10 +99,11 @@ def test_dual_prompt_loss_and_clean_probability_against_their_formulas():
 
 
 def test_dualprompt_audit_scores_out_of_sample_with_both_prompts(tmp_path):
+    from imagefolders import make_split_folders
+
     from dspt.audit import audit
     from dspt.config import RunConfig
     from dspt.errors import ConfigError
-    from imagefolders import make_split_folders
 
     data = make_split_folders(tmp_path / "d", classes=3, train=12, test=3)
     cfg = RunConfig(data=str(data), model="dspt-tiny", pretrained=None, shots=0, views=1, n_ctx=4, epochs=3,

@@ -6,23 +6,24 @@ split into K folds (stratified by given label), K runs are tuned on K-1 folds ea
 (same run folders, resume, cache; one shared table with each fold left out by --exclude, so the K runs
 train as one batch whenever their epochs take equally many steps), and each fold is predicted by the run
 that left it out (cross-fitting).
-On those out-of-sample probabilities:
-- cleanlab scores each label (`get_label_quality_scores`, normalized margin) and flags issues
-  (`find_label_issues`, confident learning), a well-kept library made for the job;
-- dspt's own score is the probability of the given label (with DSPT, a confidently contradicted label is one
-  the loss stopped listening to).
+On those out-of-sample probabilities (the scores are described in `audit_scores`):
+- the probability of the given label, the zero-shot model's, their geometric mean (the default ranking), the
+  in-sample average over epochs and, with --method dualprompt, DeFT's dual-prompt score;
+- cleanlab's label quality (`get_label_quality_scores`, normalized margin) and its issue flags
+  (`find_label_issues`, confident learning), kept beside dspt's own flags for comparison;
+- the share of wrong labels is estimated with an interval (`dspt.noise_estimate`) and that many of the most
+  suspicious images are flagged.
 Written: `audit.csv` (every image, most suspicious first: path, given and suggested class, scores, flag),
 `audit.json`, the review page (`review.html`) and, where the true labels are known (injected noise, CIFAR-N),
 precision / recall / AUROC of each score against the true flips and a precision-recall plot.
 """
 from __future__ import annotations
 
-import os
-
 import csv
 import io
 import logging
 import math
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -31,10 +32,10 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .audit_scores import DEFAULT_ESTIMATOR, DEFAULT_SCORE, SCORE_TEXT, SCORES
 from .config import RunConfig
 from .errors import ConfigError, DataError, TrainingError
 from .io import atomic_write, atomic_write_json, atomic_write_text
-from .audit_scores import DEFAULT_ESTIMATOR, DEFAULT_SCORE, SCORE_TEXT, SCORES
 from .noise_estimate import ESTIMATORS, NoiseEstimate, estimate_noise_rate, flag_top
 
 log = logging.getLogger(__name__)

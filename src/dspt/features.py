@@ -17,9 +17,9 @@ import json
 import logging
 import os
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -214,7 +214,7 @@ def _write_shard(store: Path, key: dict, tag: str, digests: np.ndarray, feats: t
 def _merge_shards(store: Path, key: dict, tag: str) -> None:
     """Many small shards of one view (K-shot draws, folds) into one, so a lookup opens few files. Runs under
     the store's lock; readers that listed the old shards list again."""
-    shards, have, owner = _shard_index(store, key, tag)
+    shards, have, _ = _shard_index(store, key, tag)
     if len(shards) <= _MERGE_AT:
         return
     feats = torch.cat([load_file(str(f))["features"] for f in shards])
@@ -300,7 +300,7 @@ def _encode_missing(backbone: Backbone, dataset: ImageDataset, split: str, diges
                     missing: np.ndarray, view: int, seed: int, batch_size: int, workers: int, desc: str) -> dict:
     """Encode each distinct missing image once (a file listed twice, or two copies of one image, once)."""
     idx = np.flatnonzero(missing)
-    unique, first, inverse = np.unique(_as_void(digests[idx]), return_index=True, return_inverse=True)
+    _, first, inverse = np.unique(_as_void(digests[idx]), return_index=True, return_inverse=True)
     paths = [dataset.paths[idx[i]] for i in first.tolist()]
     d = digests[idx[first]]
     log.info("feature cache miss: encoding %s view %d (%d images)", split, view, len(paths))
