@@ -227,3 +227,18 @@ def test_dropping_every_image_of_a_class_is_refused_in_one_line():
         apply_flags(table, "drop")
     relabelled = apply_flags(table, "relabel")
     assert list(relabelled["label"]) == ["y", "y", "x", "y"]
+
+
+def test_a_refused_apply_keeps_the_audit_and_writes_no_cleaned_labels(data, tmp_path, monkeypatch):
+    """Flags that would empty a class (here: an estimate of 100 % wrong) refuse --apply drop in one line, after
+    the audit's own files are complete; no cleaned_labels.csv is written."""
+    import dspt.audit as A
+    from dspt.errors import DataError
+    from dspt.noise_estimate import NoiseEstimate
+
+    monkeypatch.setattr(A, "estimate_noise_rate", lambda *a, method="mixture", **k: NoiseEstimate(
+        1.0, 1.0, 1.0, method, 60))
+    with pytest.raises(DataError, match="without images .* the audit itself is written to"):
+        audit(_cfg(data, tmp_path / "cache", epochs=1), tmp_path / "audit", folds=2, review=False, apply="drop")
+    assert (tmp_path / "audit" / "audit.csv").is_file() and (tmp_path / "audit" / "audit.json").is_file()
+    assert not (tmp_path / "audit" / "cleaned_labels.csv").exists()

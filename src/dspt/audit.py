@@ -390,6 +390,10 @@ def audit(cfg: RunConfig, output: str | Path, folds: int = 5, review: bool = Tru
 
         files["review.html"] = write_review_page(table, list(classes), out / "review.html")
     if apply is not None:  # last: a refusal (a class left empty) keeps the audit's own files, complete
+        try:
+            cleaned = apply_flags(table, apply)
+        except DataError as exc:
+            raise DataError(f"{exc}; the audit itself is written to {out}") from None
         files["cleaned_labels.csv"] = out / "cleaned_labels.csv"
-        atomic_write_text(files["cleaned_labels.csv"], apply_flags(table, apply).to_csv(index=False))
+        atomic_write_text(files["cleaned_labels.csv"], cleaned.to_csv(index=False))
     return AuditResult(table, metrics, files, estimate, encoded)
