@@ -22,13 +22,13 @@ against trained on the labels its own audit cleaned (`--apply drop`), paired ove
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import cifar10n_case  # beside this script (python puts its folder on sys.path)
 import numpy as np
 import pandas as pd
 
@@ -42,17 +42,6 @@ SETTINGS = {"sym": ("clean", {"noise": "sym", "noise_rate": 0.4}), "pair": ("cle
 LOSSES = ("dspt", "ce", "ce+dualprompt")
 EPOCHS = 10
 FOLDS = 5
-
-
-def _case_module():
-    """benchmarks/ is not a package: load the case builder beside this file by path."""
-    if "cifar10n_case" in sys.modules:
-        return sys.modules["cifar10n_case"]
-    spec = importlib.util.spec_from_file_location("cifar10n_case", Path(__file__).with_name("cifar10n_case.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def base_config(case: dict[str, Any], pool: str, setting: str, loss: str, epochs: int, **extra: Any):
@@ -180,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, help="write the figures as JSON here")
     args = ap.parse_args(argv)
     try:
-        case = _case_module().build_case()
+        case = cifar10n_case.build_case()
         out = args.out or Path(case["root"]) / f"audit-scores-{args.pool}"
         records, retrained = [], []
         for setting in args.settings.split(","):

@@ -139,9 +139,9 @@ def _as_void(digests: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(digests, dtype=np.uint8).view(_VOID).ravel()
 
 
-def _shard_index(store: Path, key: dict, tag: str) -> tuple[list[Path], np.ndarray, np.ndarray]:
-    """(shards of `tag`, their concatenated digests [M] as void, the shard of each [M])."""
-    shards, digests, owner = [], [], []
+def _shard_index(store: Path, key: dict, tag: str) -> tuple[list[Path], np.ndarray, np.ndarray, np.ndarray]:
+    """(shards of `tag`, their concatenated digests [M] as void, the shard of each [M], its row there [M])."""
+    shards, digests, owner, rows = [], [], [], []
     for f in sorted(store.glob(f"{_tag_hash(tag)}-*.safetensors")):
         try:
             with safe_open(str(f), framework="pt") as fh:
@@ -160,22 +160,19 @@ def _shard_index(store: Path, key: dict, tag: str) -> tuple[list[Path], np.ndarr
             continue
         digests.append(_as_void(d))
         owner.append(np.full(len(d), len(shards)))
+        rows.append(np.arange(len(d)))
         shards.append(f)
     if not shards:
-        return [], np.empty(0, _VOID), np.empty(0, np.int64)
-    return shards, np.concatenate(digests), np.concatenate(owner)
+        return [], np.empty(0, _VOID), np.empty(0, np.int64), np.empty(0, np.int64)
+    return shards, np.concatenate(digests), np.concatenate(owner), np.concatenate(rows)
 
 
 def _lookup(store: Path, key: dict, tag: str, want: np.ndarray) -> tuple[torch.Tensor | None, np.ndarray]:
     """(features of `want` [N, E] with zeros where missing, or None when none is found; the missing mask)."""
     for _ in range(3):  # a merge may remove a shard between listing and reading it: list again
-        shards, have, owner = _shard_index(store, key, tag)
+        shards, have, owner, rows = _shard_index(store, key, tag)
         if not len(have):
             return None, np.ones(len(want), dtype=bool)
-        rows = np.zeros(len(have), dtype=np.int64)  # each digest's row in its own shard
-        for s in range(len(shards)):
-            mine = np.flatnonzero(owner == s)
-            rows[mine] = np.arange(len(mine))
         index = pd.Index(have)
         if not index.is_unique:  # an image in two shards (two writers, or a merge under way): the first
             keep = ~index.duplicated()
@@ -214,7 +211,7 @@ def _write_shard(store: Path, key: dict, tag: str, digests: np.ndarray, feats: t
 def _merge_shards(store: Path, key: dict, tag: str) -> None:
     """Many small shards of one view (K-shot draws, folds) into one, so a lookup opens few files. Runs under
     the store's lock; readers that listed the old shards list again."""
-    shards, have, _ = _shard_index(store, key, tag)
+    shards, have, _, _ = _shard_index(store, key, tag)
     if len(shards) <= _MERGE_AT:
         return
     feats = torch.cat([load_file(str(f))["features"] for f in shards])
@@ -268,7 +265,7 @@ def cached_features(
         # One process encodes for a store at a time; others that want the same images meanwhile (sweep workers,
         # Ray tasks) wait for the lock, then find what it stored. The lock dies with its holder.
         with file_lock(store / ".lock"):
-            atomic_write_json_once(store / "store.json", key)
+            _describe_store(store, key)
             found = [_lookup(store, key, t, want) if m.any() else (f, m) for t, (f, m) in zip(tags, found)]
             for v, tag in enumerate(tags):
                 feats, missing = found[v]
@@ -312,10 +309,10 @@ def _encode_missing(backbone: Backbone, dataset: ImageDataset, split: str, diges
     return {"digests": d, "features": feats, "row": inverse.ravel()}
 
 
-def atomic_write_json_once(path: Path, value: dict) -> None:
+def _describe_store(store: Path, key: dict) -> None:
     """The store's key, readable by people (`store.json`); the shards carry it too."""
-    if not path.exists():
-        atomic_write_json(path, value)
+    if not (store / "store.json").exists():
+        atomic_write_json(store / "store.json", key)
 
 
 def cache_usage(cache_dir: str | os.PathLike | None = None) -> tuple[int, int]:

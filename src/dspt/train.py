@@ -901,7 +901,9 @@ def _epoch_diagnostics(p: Prepared, text: torch.Tensor, loss_fn: torch.nn.Module
         return float(values[mask].mean()) if mask.any() else float("nan")
 
     held = {"test": test_pred} | ({"val": predict(p.val_feats, text)} if p.val_feats is not None else {})
-    given_prob = torch.softmax(logits.double(), -1).gather(1, given[:, None]).squeeze(1).cpu()
+    # p(given) from the log-sum-exp: no second [N, C] tensor (the audit's in-sample score)
+    given_prob = (logits.float().gather(1, given[:, None]).squeeze(1) - torch.logsumexp(logits.float(), -1)
+                  ).exp().double().cpu()
     return {"test_acc": test_acc, "train_acc_given": accuracy(logits.argmax(-1).cpu().numpy(), p.labels.given),
             "grad_norm_clean": mean(norms, ~noisy), "grad_norm_noisy": mean(norms, noisy),
             "loss_clean": mean(losses, ~noisy), "loss_noisy": mean(losses, noisy)} | epoch_record(
