@@ -14,8 +14,8 @@ class Crash(BaseException):
 @contextlib.contextmanager
 def crash_before_checkpoint(epoch: int):
     """Inside the block, training raises Crash when it would save the checkpoint of `epoch` (0-based)."""
-    train_module = sys.modules["dspt.train"]
-    save = train_module.save_checkpoint
+    loop = sys.modules["dspt.loop"]  # the training loop saves the checkpoints
+    save = loop.save_checkpoint
 
     def crash(run_dir, at, *state):
         if at == epoch:
@@ -23,5 +23,5 @@ def crash_before_checkpoint(epoch: int):
         save(run_dir, at, *state)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(train_module, "save_checkpoint", crash)
+        mp.setattr(loop, "save_checkpoint", crash)
         yield

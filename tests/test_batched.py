@@ -146,7 +146,7 @@ def test_a_diverging_run_fails_alone_and_the_others_finish(data, tmp_path):
 
 def test_runs_resumed_at_different_epochs_each_finish_as_if_uninterrupted(data, tmp_path):
     """A killed batch leaves runs at different epochs; the next call trains each from its own checkpoint."""
-    T = sys.modules["dspt.train"]  # the package's `train` attribute is the function
+    T = sys.modules["dspt.loop"]  # the training loop saves the checkpoints
 
     cfgs = [_cfg(data, tmp_path / "b", f"r{k}", **v) for k, v in enumerate(VARIANTS[:3])]
     save = T.save_checkpoint
@@ -187,7 +187,7 @@ def test_runs_that_cannot_share_a_batch_are_keyed_apart(data, tmp_path):
 
 def test_a_group_larger_than_memory_trains_in_batches_that_fit(data, tmp_path, monkeypatch):
     """Half the free memory holds two runs' features here: three compatible runs train as 2 + 1."""
-    T = sys.modules["dspt.train"]
+    T = sys.modules["dspt.batching"]  # where train_batch's groups look up _fit and free_memory
     cfgs = [_cfg(data, tmp_path / "b", f"r{k}", **v) for k, v in enumerate(VARIANTS[:3])]
     sizes, fit = [], T._fit
     monkeypatch.setattr(T, "_fit", lambda batch: (sizes.append(len(batch)), fit(batch)))

@@ -106,7 +106,7 @@ def _epochs(run) -> list[dict]:
 
 def test_a_run_driven_onto_one_class_is_caught_at_that_epoch_and_a_healthy_one_never(images, tmp_path,
                                                                                      toward_zero, caplog):
-    with caplog.at_level("WARNING", logger="dspt.train"):
+    with caplog.at_level("WARNING", logger="dspt.loop"):  # the loop logs each epoch
         m = train(_cfg(images, tmp_path / "bad", tmp_path / "cache", loss=toward_zero, lr=2.0))
     log = _epochs(tmp_path / "bad")
     # independent check of each epoch's verdict: the logged spread of the training predictions

@@ -15,7 +15,7 @@ from dspt.train import train, train_batch
 
 from crashes import Crash, crash_before_checkpoint
 
-VOLATILE = ("seconds", "cache_hit", "features_encoded")
+VOLATILE = ("seconds", "cache_hit", "features_encoded", "memory")  # memory: the default budget is a share of the free RAM
 
 
 class Twin(Method):

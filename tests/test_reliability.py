@@ -48,7 +48,7 @@ socket.getaddrinfo = _no_lookup
 socket.create_connection = lambda *a, **k: _no_lookup(*a)
 """
 RUN_CLI = "\nfrom dspt.cli import main\nsys.exit(main(sys.argv[1:]))\n"
-VOLATILE = ("seconds", "cache_hit", "features_encoded")  # wall-clock times and whether the cache was warm: not results
+VOLATILE = ("seconds", "cache_hit", "features_encoded", "memory")  # timings, a warm cache, a budget from the free RAM: not results
 
 
 class Crash(BaseException):
@@ -164,9 +164,9 @@ def test_sigkill_mid_run_then_resume_gives_identical_metrics(images, tmp_path):
 def test_crash_between_epoch_log_and_checkpoint(images, tmp_path, reference, monkeypatch):
     """The window a kill can hit: epoch 3 logged, its checkpoint not yet written. The resumed run redoes
     epoch 3 and logs it once."""
-    T = sys.modules["dspt.train"]
+    T, L = sys.modules["dspt.train"], sys.modules["dspt.loop"]  # the training loop saves the checkpoints
 
-    save = T.save_checkpoint
+    save = L.save_checkpoint
 
     def crash_at_epoch_3(run_dir, epoch, *state):
         if epoch == 3:
@@ -174,10 +174,10 @@ def test_crash_between_epoch_log_and_checkpoint(images, tmp_path, reference, mon
         save(run_dir, epoch, *state)
 
     opts = options(images, tmp_path / "run", tmp_path / "cache")
-    monkeypatch.setattr(T, "save_checkpoint", crash_at_epoch_3)
+    monkeypatch.setattr(L, "save_checkpoint", crash_at_epoch_3)
     with pytest.raises(Crash):
         T.train(RunConfig(**_config_fields(opts)))
-    monkeypatch.setattr(T, "save_checkpoint", save)
+    monkeypatch.setattr(L, "save_checkpoint", save)
     assert epochs_logged(tmp_path / "run") == 4 and not (tmp_path / "run" / "metrics.json").exists()
     train_in_process(opts)
     assert stable(tmp_path / "run") == stable(reference)
@@ -185,9 +185,9 @@ def test_crash_between_epoch_log_and_checkpoint(images, tmp_path, reference, mon
 
 def test_crash_between_metrics_and_results_row(images, tmp_path, reference, monkeypatch):
     """metrics.json written, results row not: the next `dspt train` (or sweep) adds the row, once."""
-    T = sys.modules["dspt.train"]
+    T, L = sys.modules["dspt.train"], sys.modules["dspt.loop"]  # the training loop appends the results row
 
-    monkeypatch.setattr(T, "append_result", lambda *a, **k: (_ for _ in ()).throw(Crash()))
+    monkeypatch.setattr(L, "append_result", lambda *a, **k: (_ for _ in ()).throw(Crash()))
     opts = options(images, tmp_path / "run", tmp_path / "cache")
     with pytest.raises(Crash):
         T.train(RunConfig(**_config_fields(opts)))
@@ -201,10 +201,10 @@ def test_crash_between_metrics_and_results_row(images, tmp_path, reference, monk
 
 
 def test_unreadable_checkpoint_restarts_from_scratch(images, tmp_path, reference, monkeypatch):
-    T = sys.modules["dspt.train"]
+    T, L = sys.modules["dspt.train"], sys.modules["dspt.loop"]  # the training loop saves the checkpoints
 
-    save = T.save_checkpoint
-    monkeypatch.setattr(T, "save_checkpoint",
+    save = L.save_checkpoint
+    monkeypatch.setattr(L, "save_checkpoint",
                         lambda d, e, *state: (_ for _ in ()).throw(Crash()) if e == 2 else save(d, e, *state))
     opts = options(images, tmp_path / "run", tmp_path / "cache")
     with pytest.raises(Crash):

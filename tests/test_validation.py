@@ -122,7 +122,7 @@ def test_too_small_a_validation_split_falls_back_to_clean_and_says_why():
 def test_a_coarse_validation_rate_is_recorded_with_its_reason(caplog):
     """16 shots at FP 8 (50 %) with 5 validation images per class: 3 of 5, i.e. 60 %, the nearest 5 images allow;
     the run says so in its validation info (the report's 'Validation labels' table) and in a warning."""
-    with caplog.at_level("WARNING", logger="dspt.train"):
+    with caplog.at_level("WARNING", logger="dspt.prepare"):
         _, labels, info = validation_labels(_cfg(noise="symflip", shots=16, fp=8), _pool(10), SEEDS)
     assert labels.realised_rate == pytest.approx(0.6) and info["labels"] == "noisy"
     assert info["why"].startswith("3 false positive(s) in 5 validation images per class: 60.0%")

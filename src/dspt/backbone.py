@@ -33,6 +33,27 @@ TINY_MODELS = tuple(sorted(p.stem for p in CONFIG_DIR.glob("*.json")))
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
+def cpu_bf16_supported() -> bool:
+    """Whether this CPU computes bf16 natively (AVX-512 with BF16, or AMX: oneDNN's bf16 kernels). Elsewhere torch
+    emulates bf16, and a text-tower-sized bf16 matmul ran about 100x slower than fp32 (an AVX2 EPYC)."""
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    """One line, before any work, for a precision the device cannot compute in."""
+    if precision not in PRECISIONS:
+        raise BackboneError(f"unknown precision '{precision}'; choose one of {', '.join(PRECISIONS)}")
+    if device.type == "cpu" and precision == "fp16":
+        raise BackboneError("--precision fp16 needs a CUDA GPU (the CPU has no fast fp16 and no loss scaling); "
+                            "on the CPU use --precision fp32, or bf16 where the CPU has it")
+    if device.type == "cpu" and precision == "bf16" and not cpu_bf16_supported():
+        raise BackboneError("--precision bf16 needs a CPU with native bf16 (AVX-512 BF16 or AMX); this one has "
+                            f"{torch.backends.cpu.get_cpu_capability()}, where bf16 is emulated and far slower than "
+                            "fp32; use --precision fp32")
+
 
 
 @dataclass
@@ -64,11 +85,16 @@ class Backbone:
         return self.model.logit_scale.detach().exp().clamp(max=100.0)
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        """bf16/fp16 autocast on GPU; on the CPU everything stays fp32."""
-        if self.precision == "fp32" or self.device.type != "cuda":
+        """bf16/fp16 autocast on a GPU; bf16 autocast on a CPU that computes bf16 natively (`cpu_bf16_supported`);
+        otherwise fp32. Only the towers run under it: logits, softmaxes and losses are computed outside, in
+        fp32 (DSPT's logit scale of 100 must not round)."""
+        if self.precision == "fp32":
             return contextlib.nullcontext()
-        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16 if self.precision == "bf16" else torch.float16)
+        if self.device.type == "cpu" and self.precision == "bf16" and cpu_bf16_supported():
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     def test_transform(self) -> Callable:
         """open_clip's own evaluation preprocessing for these weights (`create_model_and_transforms(...)[2]`):
@@ -268,6 +294,7 @@ def load_backbone(
         raise BackboneError("give either --pretrained TAG or --checkpoint FILE, not both")
     check_model_name(model_name)
     dev = resolve_device(device)
+    check_precision(precision, dev)
 
     if checkpoint is not None:
         path = Path(checkpoint).expanduser()

@@ -87,8 +87,13 @@ def add_run_options(p: argparse.ArgumentParser, defaults: RunConfig | None = Non
     g.add_argument("--pretrained", default=d.pretrained,
                    help="open_clip pretrained tag (default openai); 'none' for random weights")
     g.add_argument("--checkpoint", help="local CLIP state-dict file instead of a pretrained tag")
-    g.add_argument("--precision", default=d.precision, choices=["fp32", "bf16", "fp16"])
+    g.add_argument("--precision", default=d.precision, choices=["fp32", "bf16", "fp16"],
+                   help="fp32 (default); bf16 autocasts the towers on a GPU or on a CPU with native bf16 (logits and "
+                   "losses stay fp32); fp16 on a GPU only")
     g.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:1")
+    g.add_argument("--max-memory", type=float, default=d.max_memory, metavar="GB",
+                   help="memory budget of a training step above the model: the text tower runs its prompt rows in "
+                   "chunks that fit (default: 80%% of the free GPU memory, or half the available RAM)")
     g = p.add_argument_group("prompt")
     g.add_argument("--n-ctx", type=int, default=d.n_ctx,
                    help="context vectors (default 16; with --ctx-init, the phrase's token count)")
@@ -143,10 +148,22 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     return RunConfig(**values)
 
 
+def _print_plan(cfgs: list, names: list[str], batch_runs: int | None = None, workers: int = 1) -> int:
+    from .plan import check_plan, format_plan, plan_runs
+
+    plan = plan_runs(cfgs, names, batch_runs, workers, echo=lambda line: print(line, file=sys.stderr))
+    print(format_plan(plan))
+    check_plan(plan)
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .train import train
 
     cfg = config_from_args(args)
+    if args.plan:
+        resolved = cfg.resolved(need_data=False)
+        return _print_plan([resolved], [resolved.output])
     metrics = train(cfg)
     out = cfg.resolved().output
     print(f"run folder: {out}")
@@ -305,6 +322,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         for cell in list_cells(grid, args.output, args.results):
             print(f"{cell.status():8s} {cell.run_dir}")
         return 0
+    if args.plan:
+        if args.backend != "local":
+            raise ConfigError("--plan times the batches on this machine's device; plan without --backend ray")
+        cells = list_cells(grid, args.output, args.results)
+        return _print_plan([c.config for c in cells], [c.name for c in cells], args.batch_runs, args.jobs)
     if args.preset is not None:  # the report states the preset's learning-rate rule and source
         from .io import atomic_write_json
         from .presets import preset_note
@@ -485,6 +507,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=fn)
         if name in ("train", "zeroshot"):
             add_run_options(p)
+            if name == "train":
+                p.add_argument("--plan", action="store_true", help="time this run at its real shape on a random "
+                               "init of its model and print its projected time, memory and cache; train nothing")
         elif name == "audit":
             from .audit_scores import DEFAULT_ESTIMATOR as AUDIT_DEFAULT_ESTIMATOR
             from .audit_scores import DEFAULT_SCORE as AUDIT_DEFAULT_SCORE
@@ -600,6 +625,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--cache-dir", help="feature cache of every run (overrides the grid's cache_dir:); on "
                            "a Ray cluster, a folder on storage that every node sees")
             p.add_argument("--list", action="store_true", help="list the runs and their state; run nothing")
+            p.add_argument("--plan", action="store_true", help="time each distinct batch shape on a random init of "
+                           "its model and print runs, batches, rows per chunk, projected peak memory, time and "
+                           "cache size; refuse a grid that cannot fit; train nothing")
             p.formatter_class = argparse.RawDescriptionHelpFormatter
             p.epilog = ("example grid (12 runs into sweeps/demo/<loss=..,noise_rate=..,seed=..>/):\n"
                         "  data: images/\n  model: RN50\n  shots: 16\n  output: sweeps/demo\n"

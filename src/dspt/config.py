@@ -27,7 +27,7 @@ from .numbers import round_half_up
 from .prompt import POSITIONS
 
 #: Fields that change where or how fast a run executes, not what it computes.
-EXECUTION_FIELDS = ("output", "cache_dir", "workers", "results", "progress", "device", "download")
+EXECUTION_FIELDS = ("output", "cache_dir", "workers", "results", "progress", "device", "download", "max_memory")
 #: Spellings of "no value" accepted for optional fields (the command line and YAML cannot write None).
 NONE_WORDS = ("none", "null", "None", "~", "")
 DEFAULT_N_CTX = 16
@@ -200,6 +200,7 @@ class RunConfig:
     results: str | None = None
     cache_dir: str | None = None
     device: str = "auto"
+    max_memory: float | None = None  # GB for a training step above the model (None: a share of the free memory)
     workers: int = 0
     progress: bool = True
 
@@ -207,8 +208,9 @@ class RunConfig:
         """A copy with every field converted to its declared type (ConfigError naming the field otherwise)."""
         return dataclasses.replace(self, **{f.name: coerce_field(f.name, getattr(self, f.name)) for f in fields(self)})
 
-    def resolved(self) -> "RunConfig":
-        """Types coerced, defaults filled in and every option checked; raises ConfigError with the fix."""
+    def resolved(self, need_data: bool = True) -> "RunConfig":
+        """Types coerced, defaults filled in and every option checked; raises ConfigError with the fix.
+        `need_data=False` (a plan): a benchmark may lack its data root; the registry knows its sizes."""
         cfg = self.coerced()
         cfg.loss_options = dict(cfg.loss_options)
         cfg.method_options = dict(cfg.method_options)
@@ -218,7 +220,7 @@ class RunConfig:
             cfg.val_shots = min(cfg.shots, 4) if cfg.shots > 0 else 4
         cfg._resolve_data()
         cfg._resolve_context()
-        cfg.validate()
+        cfg.validate(need_data)
         if cfg.output is None:
             cfg.output = str(Path("dspt_runs") / cfg.default_name())
         if cfg.results is None:
@@ -291,11 +293,11 @@ class RunConfig:
         elif self.fp is not None:
             raise ConfigError(f"--fp is for --noise symflip / pairflip, not '{self.noise}'")
 
-    def validate(self) -> None:
+    def validate(self, need_data: bool = True) -> None:
         check_model_name(self.model)
         if self.data is None and self.dataset in ("folder", "csv"):
             raise ConfigError("no data given; pass --data FOLDER (one sub-folder of images per class)")
-        if self.data is None and self.root is None and self.dataset not in ("folder", "csv"):
+        if need_data and self.data is None and self.root is None and self.dataset not in ("folder", "csv"):
             raise ConfigError(f"no data root for {self.dataset}; pass --root DIR (the folder holding the benchmark "
                               "datasets, laid out as CoOp's DATASETS.md says) or set DSPT_DATA")
         if self.noise != "given" and (self.noise_file or self.label_set):
@@ -346,6 +348,8 @@ class RunConfig:
             raise ConfigError(f"--momentum {self.momentum} is invalid; it must be in [0, 1)")
         if self.pretrained and self.checkpoint:
             raise ConfigError("give either --pretrained TAG or --checkpoint FILE, not both")
+        if self.max_memory is not None and not (math.isfinite(self.max_memory) and self.max_memory > 0):
+            raise ConfigError(f"--max-memory {self.max_memory} is invalid; give the step's budget in GB, e.g. 1.5")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

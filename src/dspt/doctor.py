@@ -6,7 +6,8 @@ import time
 import torch
 
 from .version import __version__
-from .backbone import TINY_MODELS, load_backbone, resolve_device
+from .backbone import TINY_MODELS, cpu_bf16_supported, load_backbone, resolve_device
+from .memory import budget_bytes
 from .features import cache_usage, default_cache_dir
 from .io import stray_temp_files
 
@@ -22,6 +23,12 @@ def doctor(cache_dir: str | None = None) -> int:
     print(f"numpy      {numpy.__version__}")
     dev = resolve_device("auto")
     print(f"device     {dev}" + (f" ({torch.cuda.get_device_name(dev)})" if dev.type == "cuda" else ""))
+    cpu_bf16 = ("native: --precision bf16 works here" if cpu_bf16_supported()
+                else "not native: --precision bf16 is refused")
+    print(f"cpu        {torch.backends.cpu.get_cpu_capability()}, bf16 {cpu_bf16}")
+    free = budget_bytes(None, dev)
+    print(f"memory     default step budget {free / 2**30:.1f} GB (--max-memory; `dspt train --plan` projects a run)"
+          if free else "memory     free memory unknown: steps are not bounded unless --max-memory is given")
     root = cache_dir or default_cache_dir()
     files, size = cache_usage(root)
     print(f"cache      {root} ({files} files, {size / 2**20:.1f} MiB)")

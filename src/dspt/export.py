@@ -16,9 +16,9 @@ A CoOp prompt only ever reaches the image side as its class text features, so an
   preprocessing is re-implemented here in numpy/PIL to match the torch transform.
 
 Precision. A run computes in its `--precision` where the backbone applies it (`Backbone.autocast`: bf16 / fp16
-autocast on a GPU; on the CPU everything is fp32). The export records it (`precision` in the metadata: the run's
-setting, device and what it computed in) and computes the text features as the run did where the exporting
-device allows (export on a GPU for a GPU run: `--device cuda`). A dspt export's `load_classifier` encodes images
+autocast on a GPU, bf16 also on a CPU with native bf16; otherwise fp32). The export records it (`precision` in
+the metadata: the run's setting, device and what it computed in) and computes the text features as the run did
+where the exporting device allows (export on a GPU for a GPU run: `--device cuda`). A dspt export's `load_classifier` encodes images
 in the run's precision under the same rule, so on the run's kind of device it gives the run's own numbers (on a
 CPU, a bf16/fp16 GPU run's export computes in fp32, and says so). An ONNX export is an fp32 graph: for a run that
 computed in bf16/fp16 the export counts, on the run's test images, how many of its predictions differ from the

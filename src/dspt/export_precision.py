@@ -1,8 +1,8 @@
 """What a run computed in, and what an export changes about it: the precision side of `dspt export`.
 
 A run computes in its `--precision` where the backbone applies it (`Backbone.autocast`: bf16 / fp16 autocast on a
-GPU; fp32 on the CPU). An export records that (`run_precision`) and, where it cannot compute the same way (an ONNX
-graph is fp32; a GPU run exported on a CPU), counts how many of the run's test predictions change
+GPU, bf16 on a CPU with native bf16; fp32 otherwise). An export records that (`run_precision`) and, where it
+cannot compute the same way (an ONNX graph is fp32; a GPU run exported on a CPU), counts how many of the run's test predictions change
 (`compare_with_run`). Torch-side only: the torch-free half of `dspt.export` never imports this module.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 def autocast_for(precision: str, device: Any) -> Any:
     """The context the run's backbone encodes in for `precision` on `device`: `Backbone.autocast`'s own rule
-    (bf16 / fp16 autocast on a GPU, nothing on the CPU)."""
+    (bf16 / fp16 autocast on a GPU, bf16 on a CPU with native bf16, else nothing)."""
     import types
     import warnings
 

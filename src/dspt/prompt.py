@@ -21,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .backbone import Backbone
 from .errors import BackboneError, ConfigError
+from .memory import RowBudget, chunk_for
 
 POSITIONS = ("end", "middle", "front")
 
@@ -114,13 +115,14 @@ def _out(block: nn.Module, a: torch.Tensor) -> torch.Tensor:
     return F.linear(a.transpose(1, 2).reshape(b, t, h * d), proj.weight, proj.bias)
 
 
-def _over_chunks(fn, chunk: int | None, per_class: tuple, shared: tuple = ()) -> torch.Tensor:
-    """fn(*per_class, *shared) over slices of at most `chunk` classes.
+def _over_chunks(fn, chunk: int | RowBudget | None, per_class: tuple, shared: tuple = ()) -> torch.Tensor:
+    """fn(*per_class, *shared) over slices of at most `chunk` rows (a `RowBudget`: as many as its bytes hold).
 
     With gradients on, each slice runs under activation checkpointing: only its output is kept and its
     forward is recomputed in backward, so peak memory is one slice's activations (one extra forward).
     """
     n = per_class[0].shape[0]
+    chunk = chunk_for(chunk, fn, per_class, shared)
     if not chunk or chunk >= n:
         return fn(*per_class, *shared)
     tensors = [t for t in (*per_class, *shared) if isinstance(t, torch.Tensor)]
@@ -163,7 +165,7 @@ class TextEncoder(nn.Module):
         return shared_prefix if self.can_share_prefix and 1 < shared_prefix <= min_eos else 0
 
     def forward(self, prompts: torch.Tensor, eos: torch.Tensor, truncate: bool = True, shared_prefix: int = 0,
-                chunk_size: int | None = None) -> torch.Tensor:
+                chunk_size: int | RowBudget | None = None) -> torch.Tensor:
         """prompts [C, L, D] token embeddings, eos [C] EOS positions -> unnormalised features [C, E].
 
         `shared_prefix`: the caller's promise that prompts[:, :shared_prefix] is the same for every row.
@@ -174,12 +176,13 @@ class TextEncoder(nn.Module):
             return self.forward_shared(prompts[:1, :share], prompts[:, share:length], eos, chunk_size)
         return self.forward_plain(prompts[:, :length], eos, chunk_size)
 
-    def forward_plain(self, prompts: torch.Tensor, eos: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
+    def forward_plain(self, prompts: torch.Tensor, eos: torch.Tensor,
+                      chunk_size: int | RowBudget | None = None) -> torch.Tensor:
         """Every prompt through open_clip's own transformer at the given length."""
         return _over_chunks(self._plain, chunk_size, (prompts, eos))
 
     def forward_shared(self, shared: torch.Tensor, tail: torch.Tensor, eos: torch.Tensor,
-                       chunk_size: int | None = None) -> torch.Tensor:
+                       chunk_size: int | RowBudget | None = None) -> torch.Tensor:
         """shared [1, P, D] (positions 0..P-1 of every prompt), tail [C, T, D] (positions P..P+T-1), eos [C]
         (absolute, >= P) -> the features of the C prompts [shared | tail], exactly as the plain path."""
         if not self.can_share_prefix:
@@ -192,7 +195,7 @@ class TextEncoder(nn.Module):
         return _over_chunks(self._tail, chunk_size, (tail + pos[p:p + t].to(tail.dtype), eos - p), (allowed, *kv))
 
     def forward_runs(self, heads: torch.Tensor, tails: torch.Tensor, eos: torch.Tensor,
-                     chunk_size: int | None = None) -> torch.Tensor:
+                     chunk_size: int | RowBudget | None = None) -> torch.Tensor:
         """R runs' prompts at once: heads [R, P, D] (each run's shared positions 0..P-1), tails [C, T, D] (the
         same for every run) or [R * C, T, D], eos [C] -> features [R * C, E], row r * C + c = run r, class c.
 
@@ -416,9 +419,9 @@ class PromptClassifier(nn.Module):
     """
 
     def __init__(self, backbone: Backbone, learner: PromptLearner, truncate: bool = True, share_prefix: bool = True,
-                 class_chunk: int | None = None, mixed_precision: bool = True):
+                 class_chunk: int | RowBudget | None = None, mixed_precision: bool = True):
         super().__init__()
-        if class_chunk is not None and class_chunk < 1:
+        if isinstance(class_chunk, int) and class_chunk < 1:
             raise ValueError(f"class_chunk must be >= 1 or None (got {class_chunk})")
         self.backbone = backbone
         self.learner = learner
@@ -468,7 +471,7 @@ class PromptBatch(nn.Module):
     """
 
     def __init__(self, backbone: Backbone, learners: list[PromptLearner], truncate: bool = True,
-                 share_prefix: bool = True, row_chunk: int | None = None, mixed_precision: bool = True):
+                 share_prefix: bool = True, row_chunk: int | RowBudget | None = None, mixed_precision: bool = True):
         super().__init__()
         first = learners[0]
         for other in learners[1:]:

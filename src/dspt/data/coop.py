@@ -462,4 +462,5 @@ def probe_benchmark(spec: Benchmark, root: str | os.PathLike, cache_dir: str | o
 for _spec in BENCHMARKS.values():
     register_dataset(_spec.name, kind="benchmark", template=_spec.template,
                      description=f"{_spec.title} (CoOp layout: {_spec.folder}/)", aliases=_spec.aliases,
-                     probe=partial(probe_benchmark, _spec), guide=COOP_DATASETS_MD)(partial(load_benchmark, _spec))
+                     probe=partial(probe_benchmark, _spec), guide=COOP_DATASETS_MD,
+                     sizes=_spec.sizes)(partial(load_benchmark, _spec))

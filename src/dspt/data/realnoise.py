@@ -181,7 +181,8 @@ def _register_cifar(which: int) -> None:
 
     register_dataset(f"cifar{which}", kind="real-noise", aliases=(f"cifar-{which}", f"cifar{which}n"),
                      description=f"CIFAR-{which} python pickles ({CIFAR[which]['folder']}/), CIFAR-{which}N labels",
-                     probe=lambda root, cache_dir=None: _probe_cifar(which, root, cache_dir))(build)
+                     probe=lambda root, cache_dir=None: _probe_cifar(which, root, cache_dir),
+                     sizes=(which, 50000, 0, 10000))(build)
 
 
 _register_cifar(10)

@@ -60,6 +60,8 @@ class DatasetInfo:
     probe: Callable[..., DatasetStatus] | None = None
     #: where the dataset's expected layout is documented (`dspt datasets` names it once, below the table)
     guide: str = ""
+    #: (classes, train, val, test) of the standard dataset, known without its files (`--plan` before a download)
+    sizes: tuple[int, int, int, int] | None = None
 
 
 DATASETS: dict[str, Builder] = {}
@@ -73,13 +75,14 @@ def _norm(name: str) -> str:
 
 def register_dataset(name: str, *, kind: str = "custom", template: str = "a photo of a {}.", description: str = "",
                      aliases: tuple[str, ...] = (), probe: Callable[..., DatasetStatus] | None = None,
-                     guide: str = "") -> Callable[[Builder], Builder]:
+                     guide: str = "", sizes: tuple[int, int, int, int] | None = None
+                     ) -> Callable[[Builder], Builder]:
     def deco(fn: Builder) -> Builder:
         if name in DATASETS:
             raise ValueError(f"dataset '{name}' is already registered")
         DATASETS[name] = fn
         INFO[name] = DatasetInfo(name, fn, kind, template, description or (fn.__doc__ or "").strip().split("\n")[0],
-                                 tuple(aliases), probe, guide)
+                                 tuple(aliases), probe, guide, sizes)
         for a in (name, *aliases):
             _ALIASES.setdefault(_norm(a), name)
         return fn
@@ -101,6 +104,12 @@ def resolve_dataset_name(name: str) -> str:
 def dataset_template(name: str) -> str:
     """The dataset's zero-shot template (CoOp's per-dataset template for the benchmarks)."""
     return INFO[resolve_dataset_name(name)].template
+
+
+def dataset_sizes(name: str) -> tuple[int, int, int, int] | None:
+    """(classes, train, val, test) of a registered standard dataset, known before its files exist (None: the
+    dataset is the user's own, so its files tell)."""
+    return INFO[resolve_dataset_name(name)].sizes
 
 
 def load_data(dataset: str = "folder", **options: object) -> DataSplits:
