@@ -18,6 +18,8 @@ from .backbone import load_backbone
 from .config import RunConfig
 from .errors import TrainingError
 from .io import LockBusy, process_lock, read_json
+from .learner_loop import fit_model
+from .learners import get_learner
 from .loop import _fail, _fit, _Run, _setup, _step_plan
 from .memory import free_memory
 from .prepare import Prepared, load_splits
@@ -30,9 +32,10 @@ def batch_key(cfg: RunConfig) -> tuple:
     """Resolved runs with equal keys can train as one batch: same backbone (model, weights, precision,
     device), same classes and prompt layout, same minibatch schedule (shots, batch size, epochs) and the
     fast path. Losses, learning rates, momentum, weight decay, noise, seeds and views may differ. fp16 (its
-    loss scaler skips a step for every run at once) and the reference path (it encodes images per step)
-    train alone: their key is unique to the run."""
-    if cfg.precision == "fp16" or cfg.path != "fast":
+    loss scaler skips a step for every run at once), the reference path (it encodes images per step) and the
+    learners with their own module (CoCoOp, VPT, MaPLe: `dspt.learner_loop`) train alone: their key is unique to
+    the run. CoOp and KgCoOp runs batch together (KgCoOp's penalty is per run)."""
+    if cfg.precision == "fp16" or cfg.path != "fast" or not get_learner(cfg.learner).batches:
         return ("alone", str(Path(cfg.output).resolve()))
     return (cfg.model, cfg.pretrained, cfg.checkpoint, cfg.precision, cfg.device, cfg.dataset, cfg.data, cfg.root,
             cfg.test_data, cfg.classnames, cfg.test_fraction, cfg.split_seed, cfg.shots, cfg.batch_size, cfg.epochs,
@@ -145,6 +148,10 @@ def _train_group(group: list[_Run]) -> None:
             by_start.setdefault((run.start, _step_plan(len(run.p.train), run.cfg.batch_size),
                                  run.p.train_feats.shape[0]), []).append(run)
         for batch in by_start.values():
-            _fit(batch)
+            if batch[0].model is not None:  # a learner with its own module: alone (its key is unique)
+                for run in batch:
+                    fit_model(run)
+            else:
+                _fit(batch)
         for run in chunk:
             run.p = None  # frees its features before the next batch is prepared

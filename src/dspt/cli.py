@@ -95,6 +95,10 @@ def add_run_options(p: argparse.ArgumentParser, defaults: RunConfig | None = Non
                    help="memory budget of a training step above the model: the text tower runs its prompt rows in "
                    "chunks that fit (default: 80%% of the free GPU memory, or half the available RAM)")
     g = p.add_argument_group("prompt")
+    g.add_argument("--learner", default=d.learner, help="which parameters are tuned: coop (default), kgcoop, cocoop, "
+                   "vpt, vpt-deep, maple (`dspt learners` lists them and what a step costs)")
+    g.add_argument("--learner-opt", action="append", metavar="NAME=VALUE",
+                   help="learner hyperparameter (depth, length, weight, ...), repeatable")
     g.add_argument("--n-ctx", type=int, default=d.n_ctx,
                    help="context vectors (default 16; with --ctx-init, the phrase's token count)")
     g.add_argument("--ctx-init", help="initialise the context from a phrase, e.g. 'a photo of a'")
@@ -142,6 +146,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
             values[f.name] = getattr(args, f.name)
     values["loss_options"] = _loss_opts(getattr(args, "loss_opt", None))
     values["method_options"] = _loss_opts(getattr(args, "method_opt", None), "--method-opt", words=True)
+    values["learner_options"] = _loss_opts(getattr(args, "learner_opt", None), "--learner-opt")
     values["progress"] = not getattr(args, "no_progress", False)
     if values.get("checkpoint"):
         values["pretrained"] = None
@@ -289,6 +294,22 @@ def cmd_methods(args: argparse.Namespace) -> int:
         print(f"  {'':12s} options: {', '.join(f'{k}={v:g}' for k, v in defaults.items()) or 'none'}; lr {lrs}")
         if name in RECIPES:
             print(f"  {'':12s} {RECIPES[name]}")
+    return 0
+
+
+def cmd_learners(args: argparse.Namespace) -> int:
+    from .learners import LEARNERS
+
+    print("Prompt learners (--learner NAME, options with --learner-opt NAME=VALUE; every loss trains each one):")
+    for name, spec in LEARNERS.items():
+        opts = ", ".join(f"{k}={v}" for k, v in spec.defaults().items()) or "no options"
+        print(f"  {name:9s} {spec.summary}")
+        print(f"  {'':9s} paper: {spec.paper}")
+        towers = "both towers" if spec.towers == "both" else f"the {spec.towers} tower"
+        print(f"  {'':9s} changes: {towers}; step: {spec.cost()}")
+        methods = "every method" if spec.methods is None else ", ".join(spec.methods)
+        context = f"; context '{spec.context}'" if spec.context else ""
+        print(f"  {'':9s} options: {opts}; CE lr {spec.lr:g}{context}; methods: {methods}")
     return 0
 
 
@@ -487,6 +508,7 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], str]] = {
                          "write a review page"),
     "losses": (cmd_losses, "list the losses"),
     "methods": (cmd_methods, "list the training methods and losses: what each does, its paper, options, default lr"),
+    "learners": (cmd_learners, "list the prompt learners: which towers each changes, what a step costs, options"),
     "models": (cmd_models, "list open_clip models and pretrained tags"),
     "sweep": (cmd_sweep, "run a grid of configurations (skips finished runs, resumes partial ones)"),
     "presets": (cmd_presets, "list the named protocol grids (dspt sweep --preset NAME), or print one as a grid file"),

@@ -26,7 +26,7 @@ from scipy import stats
 from .errors import DataError
 from .selection import select_on_validation
 
-PROTOCOL = ["model", "weights", "shots", "epochs"]
+PROTOCOL = ["model", "weights", "learner", "shots", "epochs"]
 SETTING = ["dataset", "noise", "noise_rate"]
 CELL = PROTOCOL + SETTING + ["method"]
 #: The validation column each `on=` choice reads; the test columns are never among them.

@@ -172,6 +172,8 @@ class RunConfig:
     checkpoint: str | None = None
     precision: str = "fp32"
     # prompt
+    learner: str = "coop"  # which parameters prompt tuning trains: coop, or a learner of `dspt learners`
+    learner_options: dict[str, float] = field(default_factory=dict)
     n_ctx: int | None = None  # None: 16, or the number of tokens of --ctx-init
     ctx_init: str | None = None
     csc: bool = False
@@ -214,6 +216,7 @@ class RunConfig:
         cfg = self.coerced()
         cfg.loss_options = dict(cfg.loss_options)
         cfg.method_options = dict(cfg.method_options)
+        cfg._resolve_learner()
         if cfg.epochs is None:
             cfg.epochs = protocol_epochs(cfg.shots)
         if cfg.val_shots == "coop":
@@ -226,6 +229,15 @@ class RunConfig:
         if cfg.results is None:
             cfg.results = str(Path(cfg.output).parent / "results.csv")
         return cfg
+
+    def _resolve_learner(self) -> None:
+        """The learner's options with its defaults, and its paper's context phrase when no context is given."""
+        from .learners import get_learner
+
+        spec = get_learner(self.learner)
+        self.learner_options = spec.check(dict(self.learner_options))
+        if spec.context and self.n_ctx is None and not (self.ctx_init and self.ctx_init.strip()):
+            self.ctx_init = spec.context
 
     def _resolve_context(self) -> None:
         """--ctx-init fixes the context length to the phrase's tokens; record that, refuse a contradiction."""
@@ -249,13 +261,16 @@ class RunConfig:
                 f"k{self.shots}-s{self.seed}")
         if self.method != RunConfig.method:
             name += f"-{self.method}"
+        if self.learner != RunConfig.learner:
+            name += f"-{self.learner}"
         if self.lr is not None:
             name += f"-lr{self.lr:g}"
         if self.epochs != protocol_epochs(self.shots):
             name += f"-e{self.epochs}"
         defaults = RunConfig(data=self.data, dataset=self.dataset, root=self.root, model=self.model,
                              noise=self.noise, noise_rate=self.noise_rate, fp=self.fp, shots=self.shots,
-                             pretrained=self.pretrained, checkpoint=self.checkpoint)
+                             pretrained=self.pretrained, checkpoint=self.checkpoint, learner=self.learner)
+        defaults._resolve_learner()
         defaults._resolve_data()
         defaults._resolve_context()
         base = defaults.identity()
@@ -320,6 +335,7 @@ class RunConfig:
 
         check_method(self.method, self.method_options)
         METHODS[self.method].check_loss(loss_name)  # a method that takes only some losses refuses the others
+        self._validate_learner()
         if self.class_token_position not in POSITIONS:
             raise ConfigError(f"class token position '{self.class_token_position}' unknown; "
                               f"choose one of: {', '.join(POSITIONS)}")
@@ -350,6 +366,22 @@ class RunConfig:
             raise ConfigError("give either --pretrained TAG or --checkpoint FILE, not both")
         if self.max_memory is not None and not (math.isfinite(self.max_memory) and self.max_memory > 0):
             raise ConfigError(f"--max-memory {self.max_memory} is invalid; give the step's budget in GB, e.g. 1.5")
+
+    def _validate_learner(self) -> None:
+        """Pairings a learner cannot train (its model, depth and tower are checked when the model is built)."""
+        from .learners import get_learner
+
+        spec = get_learner(self.learner)
+        spec.check_method(self.method)
+        if spec.module and self.path != "fast":
+            raise ConfigError(f"--path reference is CoOp's online computation; learner '{self.learner}' has its own "
+                              "step (it never trains on a fast path to compare against); drop --path")
+        if spec.layout == "shared-end" and (self.csc or self.class_token_position != "end"):
+            raise ConfigError(f"learner '{self.learner}' learns one context shared by all classes, before the class "
+                              "name; drop --csc and --class-token-position")
+        if spec.layout == "none" and (self.csc or self.ctx_init or self.class_token_position != "end"):
+            raise ConfigError(f"learner '{self.learner}' learns no text context (its classifier is the template's "
+                              "class features); drop --csc, --ctx-init and --class-token-position")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

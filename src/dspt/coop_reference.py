@@ -43,6 +43,14 @@ class _ReferenceBatches:
         return self.rest(TF.hflip(image) if flip else image)
 
     def __call__(self, idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        batch = self.pixels(idx, gen)
+        model, device = self.p.backbone.model, self.p.backbone.device
+        with torch.no_grad():
+            feats = model.encode_image(batch.to(device, non_blocking=True))
+        return torch.nn.functional.normalize(feats.float(), dim=-1)
+
+    def pixels(self, idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """The step's images [B, 3, H, W], loaded and augmented (an image-side learner encodes them itself)."""
         from .data.base import load_image
         from .features import view_seed
 
@@ -54,8 +62,4 @@ class _ReferenceBatches:
                 torch.manual_seed(view_seed(seed, 0, k))
                 crop = self.crop.get_params(image, self.crop.scale, self.crop.ratio)
                 draws.append((crop, bool(torch.rand(1) < self.flip.p)))
-        batch = torch.stack(list(self.pool.map(self._augment, images, *zip(*draws))))
-        model, device = self.p.backbone.model, self.p.backbone.device
-        with torch.no_grad():
-            feats = model.encode_image(batch.to(device, non_blocking=True))
-        return torch.nn.functional.normalize(feats.float(), dim=-1)
+        return torch.stack(list(self.pool.map(self._augment, images, *zip(*draws))))

@@ -71,9 +71,11 @@ def encode_paths(
     workers: int = 0,
     desc: str = "encode",
     seeds: list[int] | np.ndarray | None = None,
+    encoder: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """[N, E] normalised image features of `paths` under `transform`, seeded per image when augmenting: by
-    `seeds` (one per image), else by `seed`, `view` and the position in `paths`."""
+    `seeds` (one per image), else by `seed`, `view` and the position in `paths`. `encoder`: images -> normalised
+    features in place of the frozen tower's (a learner that prompts the image tower)."""
     if seeds is None and seed is not None:
         seeds = [view_seed(seed, view, i) for i in range(len(paths))]
     loader = torch.utils.data.DataLoader(
@@ -84,7 +86,11 @@ def encode_paths(
     out = []
     with torch.random.fork_rng(devices=[]):  # the per-image seeding must not disturb the caller's RNG
         for images in tqdm(loader, desc=desc, leave=False, disable=None):
-            out.append(backbone.encode_images(images).cpu())
+            if encoder is None:
+                out.append(backbone.encode_images(images).cpu())
+            else:
+                with torch.no_grad():
+                    out.append(encoder(images.to(backbone.device)).float().cpu())
     if not out:
         return torch.empty(0, 0)
     return torch.cat(out)

@@ -28,7 +28,9 @@ from .config import RunConfig
 from .coop_reference import _ReferenceBatches
 from .errors import TrainingError
 from .io import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl
-from .losses import get_loss, matched_lr
+from .learner_models import TunedModel, build_model, kg_penalty
+from .learners import get_learner
+from .losses import COOP_LR, get_loss, matched_lr
 from .memory import GIB, RowBudget, budget_bytes
 from .methods import EpochView, Method, get_method
 from .metrics import accuracy, logit_gradient_norms, mean_confidence, memorisation, per_class_accuracy, predict
@@ -52,9 +54,12 @@ def lr_at(cfg: RunConfig, epoch: int, lr: float | None = None) -> float:
 
 
 def resolve_lr(cfg: RunConfig, num_classes: int) -> float:
-    """The config's learning rate, or (lr none) the loss's default for this many classes: CoOp's 0.002 scaled
-    so the first step is as large as CE's (`dspt.losses.matched_lr`)."""
-    return float(cfg.lr) if cfg.lr is not None else matched_lr(cfg.loss, num_classes, **cfg.loss_options)
+    """The config's learning rate, or (lr none) the loss's default for this many classes: the learner's CE rate
+    (CoOp's 0.002, MaPLe's 0.0035, ...) scaled so the first step is as large as CE's (`dspt.losses.matched_lr`)."""
+    if cfg.lr is not None:
+        return float(cfg.lr)
+    paper = get_learner(cfg.learner).lr / COOP_LR  # a learner whose paper trains CE at another rate than CoOp's
+    return paper * matched_lr(cfg.loss, num_classes, **cfg.loss_options)
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
@@ -126,6 +131,8 @@ class _Run:
     healthy: dict[str, torch.Tensor] | None = None  # --collapse-guard: the prompt state after the last healthy epoch
     insample: torch.Tensor | None = None  # [N] float64: p(given label) of each training image, summed over epochs
     insample_epochs: int = 0  # how many epochs `insample` sums (a checkpoint from before it existed: fewer)
+    model: TunedModel | None = None  # the module of a learner beyond CoOp's context (CoCoOp, VPT, MaPLe)
+    kg_reference: torch.Tensor | None = None  # KgCoOp: the hand-crafted prompt's class features [C, E]
 
 
 def _fail(run: _Run, exc: BaseException) -> None:
@@ -152,24 +159,32 @@ def _setup(run: _Run, shared: dict[str, Any]) -> None:
     if zs_key not in shared:
         shared[zs_key] = predict(p.test_feats, zeroshot_text_features(p.backbone, p.train.classnames, cfg.template))
     run.zs_pred = shared[zs_key]
-    run.learner = PromptLearner(p.backbone, p.train.classnames, cfg.n_ctx, cfg.ctx_init, cfg.csc,
-                                cfg.class_token_position, seed=p.seeds["init"])
-    if run.learner.n_ctx != cfg.n_ctx:  # the config is resolved with the model's tokenizer: they must agree
-        raise TrainingError(f"the prompt has {run.learner.n_ctx} context vectors but the config says {cfg.n_ctx}; "
-                            "please report this as a dspt bug")
+    spec = get_learner(cfg.learner)
     run.method = get_method(cfg.method, run.loss_fn, p.train.num_classes, len(p.train), **cfg.method_options)
-    run.learners = [run.learner] + [
-        PromptLearner(p.backbone, p.train.classnames, cfg.n_ctx, cfg.ctx_init, cfg.csc, cfg.class_token_position,
-                      seed=learner_seed(p.seeds["init"], j)) for j in range(1, run.method.learners)]
+    if spec.module:  # a learner with its own module (CoCoOp, VPT, MaPLe): trains alone (`dspt.learner_loop`)
+        run.model = build_model(cfg.learner, p.backbone, p.train.classnames, cfg.learner_options, cfg.template,
+                                cfg.n_ctx, cfg.ctx_init, seed=p.seeds["init"], chunk=step_budget(cfg, dev))
+        run.learner = getattr(run.model, "prompt", None)
+    else:
+        run.learner = PromptLearner(p.backbone, p.train.classnames, cfg.n_ctx, cfg.ctx_init, cfg.csc,
+                                    cfg.class_token_position, seed=p.seeds["init"])
+        run.learners = [run.learner] + [
+            PromptLearner(p.backbone, p.train.classnames, cfg.n_ctx, cfg.ctx_init, cfg.csc, cfg.class_token_position,
+                          seed=learner_seed(p.seeds["init"], j)) for j in range(1, run.method.learners)]
+    if run.learner is not None and run.learner.n_ctx != cfg.n_ctx:  # the config is resolved with the model's
+        raise TrainingError(f"the prompt has {run.learner.n_ctx} context vectors but the config says {cfg.n_ctx}; "
+                            "please report this as a dspt bug")  # tokenizer: they must agree
+    if cfg.learner == "kgcoop":  # the hand-crafted prompt's class features its penalty keeps the prompt near
+        run.kg_reference = zeroshot_text_features(p.backbone, p.train.classnames, cfg.template)
     run.lr = resolve_lr(cfg, p.train.num_classes)
     atomic_write_text(run_dir / "config.yaml", cfg.dump())  # after the inputs checked out: what runs
     if not (run_dir / INPUTS).is_file():  # the contents of its input files, fixed when the run starts
         save_inputs(cfg, run_dir)
-    run.ctx0 = run.learner.ctx.detach().clone()
+    run.ctx0 = _parameters(run).detach().clone()
     with torch.no_grad():
-        run.init_cos = mean_pairwise_cosine(_classifier(run).text_features())
+        run.init_cos = mean_pairwise_cosine(_class_features(run))
     ckpt = load_checkpoint(run_dir)
-    if ckpt is not None and tuple(ckpt["ctx"].shape) != tuple(run.learner.ctx.shape):
+    if ckpt is not None and tuple(ckpt["ctx"].shape) != tuple(run.ctx0.shape):
         log.warning("checkpoint in %s does not fit this prompt (shape %s); starting from epoch 0", run_dir,
                     tuple(ckpt["ctx"].shape))
         ckpt = None
@@ -178,7 +193,7 @@ def _setup(run: _Run, shared: dict[str, Any]) -> None:
         ckpt = None
     if ckpt is not None:
         with torch.no_grad():
-            run.learner.ctx.copy_(ckpt["ctx"].to(dev))
+            _set_parameters(run, ckpt["ctx"].to(dev))
             for j in range(1, len(run.learners)):
                 run.learners[j].ctx.copy_(ckpt["extra"][f"ctx_{j}"].to(dev))
         run.start = ckpt["epoch"] + 1
@@ -197,7 +212,31 @@ def _setup(run: _Run, shared: dict[str, Any]) -> None:
         run.insample_epochs = int(ckpt["extra"].get("insample_epochs", torch.tensor(run.start)))
     append_jsonl(log_path, {"event": "start", "epoch": run.start, "cache": p.cache, "n_train": len(p.train),
                             "classes": p.train.num_classes, "noise": p.labels.summary(), "seeds": p.seeds,
-                            "method": cfg.method, "lr": run.lr})
+                            "method": cfg.method, "learner": cfg.learner, "lr": run.lr})
+
+
+def _parameters(run: _Run) -> torch.Tensor:
+    """The run's trained parameters as one vector: CoOp's context, or every parameter of a learner's module
+    (what the checkpoint stores as `ctx` and what the context drift is measured on)."""
+    if run.model is None:
+        return run.learner.ctx
+    return torch.nn.utils.parameters_to_vector(list(run.model.trainable().values()))
+
+
+@torch.no_grad()
+def _set_parameters(run: _Run, vector: torch.Tensor) -> None:
+    if run.model is None:
+        run.learner.ctx.copy_(vector)
+    else:
+        torch.nn.utils.vector_to_parameters(vector, list(run.model.trainable().values()))
+
+
+def _class_features(run: _Run) -> torch.Tensor:
+    """[C, E] class text features of the run's learner (CoCoOp: for the mean training image)."""
+    if run.model is None:
+        return _classifier(run).text_features()
+    anchor = torch.nn.functional.normalize(run.p.train_feats[0].float().mean(0, keepdim=True), dim=-1)
+    return run.model.class_features(anchor)
 
 
 def _classifier(run: _Run) -> PromptClassifier:
@@ -304,7 +343,8 @@ def _fit(batch: list[_Run]) -> None:
                                      for k, run in enumerate(batch)])
             if r != len(batch):
                 feats = feats[torch.tensor([k for k, run in enumerate(batch) for _ in run.learners], device=dev)]
-            logits = model.logits(feats)
+            text_all = model.text_features()
+            logits = model.logits(feats, text_all)
             total = None
             for k, run in enumerate(batch):
                 if run.error is not None:
@@ -314,6 +354,9 @@ def _fit(batch: list[_Run]) -> None:
                     loss = run.loss_fn(logits[slots[k][0]], y)
                 else:
                     loss = run.method.loss(logits[slots[k][0]:slots[k][-1] + 1], idx[k].to(dev), y)
+                if run.kg_reference is not None:  # KgCoOp: every prompt of the run stays near the hand-crafted one
+                    weight = run.cfg.learner_options["weight"]
+                    loss = loss + weight * sum(kg_penalty(text_all[slot], run.kg_reference) for slot in slots[k])
                 if not torch.isfinite(loss):
                     _fail(run, _diverged(f"non-finite loss ({loss.item()}) at epoch {epoch + 1} step {s + 1}",
                                          run.cfg, run.run_dir, run.last_saved))
@@ -333,8 +376,8 @@ def _fit(batch: list[_Run]) -> None:
                 extra = {}
                 for j, slot in enumerate(slots[k][1:], start=1):
                     extra[f"ctx_{j}"], extra[f"momentum_{j}"] = model.ctx[slot], opt.buffer[slot]
-                _end_epoch(run, epoch, model.ctx[slots[k][0]], opt.buffer[slots[k][0]], text[slots[k][0]],
-                           losses[k], scaler, t_epoch, extra, lambda: _prompt_state(model, opt, slots[k]),
+                _end_epoch(run, epoch, model.ctx[slots[k][0]], opt.buffer[slots[k][0]],
+                           _epoch_diagnostics(run.p, text[slots[k][0]], run.loss_fn), losses[k], scaler, t_epoch, extra, lambda: _prompt_state(model, opt, slots[k]),
                            lambda state: _restore_prompt(model, opt, slots[k], state))
             except BaseException as exc:  # noqa: BLE001 - a run whose bookkeeping fails stops alone
                 _fail(run, exc)
@@ -383,8 +426,9 @@ def _restore_prompt(model: PromptBatch, opt: RunwiseSGD, slots: list[int], state
         opt.buffer[slot].copy_(state[f"momentum_{j}"])
 
 
-def _end_epoch(run: _Run, epoch: int, ctx: torch.Tensor, momentum: torch.Tensor, text: torch.Tensor,
-               losses: list[float], scaler: torch.amp.GradScaler, t_epoch: float,
+def _end_epoch(run: _Run, epoch: int, ctx: torch.Tensor, momentum: torch.Tensor,
+               scores: tuple[dict[str, float], torch.Tensor], losses: list[float], scaler: torch.amp.GradScaler,
+               t_epoch: float,
                extra: dict[str, torch.Tensor] | None = None, snapshot: Any = None, restore: Any = None) -> None:
     """Log the epoch, watch for a collapse (`dspt.collapse`) and save the run's checkpoint (or fail the run if its
     context is no longer finite). With --collapse-guard, a collapsed epoch puts back the prompt of the last
@@ -393,7 +437,7 @@ def _end_epoch(run: _Run, epoch: int, ctx: torch.Tensor, momentum: torch.Tensor,
         raise _diverged(f"non-finite prompt parameters after epoch {epoch + 1}", run.cfg, run.run_dir, run.last_saved)
     record = {"event": "epoch", "epoch": epoch, "lr": lr_at(run.cfg, epoch, run.lr * run.lr_scale),
               "loss": float(np.mean(losses)), "seconds": time.perf_counter() - t_epoch}
-    diagnostics, given_prob = _epoch_diagnostics(run.p, text, run.loss_fn)
+    diagnostics, given_prob = scores  # `_epoch_diagnostics` / `_diagnostics` of the epoch's classifier
     record.update(diagnostics)
     fresh = run.insample is None or epoch == 0
     run.insample = given_prob if fresh else run.insample + given_prob
@@ -420,13 +464,15 @@ def _end_epoch(run: _Run, epoch: int, ctx: torch.Tensor, momentum: torch.Tensor,
     run.last_saved, run.last_test_acc = epoch, record["test_acc"]
 
 
-def _finish(run: _Run, train_seconds: float, batch_runs: int = 1, budget: RowBudget | None = None) -> None:
+def _finish(run: _Run, train_seconds: float, batch_runs: int = 1, budget: RowBudget | None = None,
+            metrics: dict[str, Any] | None = None) -> None:
     """Evaluate the run's final prompt and write its prompt, metrics (last: they mark it finished) and row.
     `train_seconds` is the wall time of the batch the run trained in, `batch_runs` how many runs it held: the run's
     own training time is its equal share, and the batch's wall time is kept beside it."""
     p, cfg, run_dir = run.p, run.cfg, run.run_dir
     log_path = run_dir / "log.jsonl"
-    metrics = evaluate(p, _classifier(run), run.zs_pred, run.ctx0, run.init_cos)
+    if metrics is None:  # (a learner with its own module brings its own evaluation: `dspt.learner_loop`)
+        metrics = evaluate(p, _classifier(run), run.zs_pred, run.ctx0, run.init_cos)
     metrics["seconds"] = {"cache": p.cache["seconds"], "train": train_seconds / batch_runs, "batch": train_seconds}
     metrics["batch_runs"] = batch_runs
     metrics["memory"] = {"budget_gb": budget.nbytes / GIB, **budget.last} if budget else None  # the training step's
@@ -437,7 +483,7 @@ def _finish(run: _Run, train_seconds: float, batch_runs: int = 1, budget: RowBud
     epochs_log = [r for r in read_jsonl(log_path) if r.get("event") == "epoch"]
     metrics["final_loss"] = epochs_log[-1]["loss"] if epochs_log else float("nan")
     metrics["first_loss"] = epochs_log[0]["loss"] if epochs_log else float("nan")
-    save_prompt(run_dir, run.learner, cfg, p.backbone)
+    save_prompt(run_dir, run.model if run.model is not None else run.learner, cfg, p.backbone)
     if run.insample is not None:  # what `dspt audit` averages as its in-sample score
         mean = (run.insample / max(run.insample_epochs, 1)).numpy()
         atomic_write_text(run_dir / "in_sample.csv", csv_text(["index", "mean_given_prob"], (
@@ -450,15 +496,24 @@ def _finish(run: _Run, train_seconds: float, batch_runs: int = 1, budget: RowBud
 @torch.no_grad()
 def _epoch_diagnostics(p: Prepared, text: torch.Tensor, loss_fn: torch.nn.Module
                        ) -> tuple[dict[str, float], torch.Tensor]:
-    """Cheap per-epoch curves: test accuracy, training fit to the given labels, and the mean per-sample
-    logit-gradient norm and loss of clean vs mislabeled samples (the method's mechanism; logging only,
-    nothing is selected on them), and the collapse measurements (`dspt.collapse`: decided on the training
-    samples alone, the test and validation spreads only recorded). Also each training image's probability of
-    its given label [N] (float64, CPU), whose mean over epochs is the in-sample score of an audit."""
-    test_pred = predict(p.test_feats, text)
-    test_acc = accuracy(test_pred, p.test.labels)
-    train0 = p.train_feats[0]
-    logits = p.backbone.logit_scale * train0 @ text.t()
+    """The epoch's diagnostics (`_diagnostics`) of a classifier given by its class text features: the logits of
+    the training images' view 0, and the test (and validation) predictions."""
+    held = {"test": predict(p.test_feats, text)} | ({"val": predict(p.val_feats, text)}
+                                                    if p.val_feats is not None else {})
+    return _diagnostics(p, p.backbone.logit_scale * p.train_feats[0] @ text.t(), held, loss_fn)
+
+
+@torch.no_grad()
+def _diagnostics(p: Prepared, logits: torch.Tensor, held: dict[str, np.ndarray], loss_fn: torch.nn.Module
+                 ) -> tuple[dict[str, float], torch.Tensor]:
+    """Cheap per-epoch curves from the training logits [N, C] (view 0) and the held-out predictions `held`
+    ({"test": pred, "val": pred}; a learner that evaluates only at the end passes none: test_acc is NaN): test
+    accuracy, training fit to the given labels, and the mean per-sample logit-gradient norm and loss of clean vs
+    mislabeled samples (the method's mechanism; logging only, nothing is selected on them), and the collapse
+    measurements (`dspt.collapse`: decided on the training samples alone, the test and validation spreads only
+    recorded). Also each training image's probability of its given label [N] (float64, CPU), whose mean over
+    epochs is the in-sample score of an audit."""
+    test_acc = accuracy(held["test"], p.test.labels) if "test" in held else float("nan")
     given = torch.as_tensor(p.labels.given, device=logits.device)
     with torch.enable_grad():
         norms = logit_gradient_norms(logits, given, loss_fn).cpu().numpy()
@@ -468,7 +523,6 @@ def _epoch_diagnostics(p: Prepared, text: torch.Tensor, loss_fn: torch.nn.Module
     def mean(values: np.ndarray, mask: np.ndarray) -> float:
         return float(values[mask].mean()) if mask.any() else float("nan")
 
-    held = {"test": test_pred} | ({"val": predict(p.val_feats, text)} if p.val_feats is not None else {})
     # p(given) from the log-sum-exp: no second [N, C] tensor (the audit's in-sample score)
     given_prob = (logits.float().gather(1, given[:, None]).squeeze(1) - torch.logsumexp(logits.float(), -1)
                   ).exp().double().cpu()
@@ -482,11 +536,18 @@ def _epoch_diagnostics(p: Prepared, text: torch.Tensor, loss_fn: torch.nn.Module
 def evaluate(p: Prepared, clf: PromptClassifier, zs_pred: np.ndarray, ctx0: torch.Tensor,
              init_cos: float) -> dict[str, Any]:
     text = clf.text_features()
-    pred = predict(p.test_feats, text)
-    train_pred = predict(p.train_feats[0], text)
+    out = evaluation(p, predict(p.test_feats, text), predict(p.train_feats[0], text),
+                     predict(p.val_feats, text) if p.val_feats is not None else None, zs_pred)
+    return out | {"text_cosine": {"init": init_cos, "final": mean_pairwise_cosine(text)},
+                  "test_confidence": mean_confidence(p.test_feats, text, float(p.backbone.logit_scale)),
+                  "ctx_drift": context_drift(clf.learner.ctx.detach(), ctx0)}
+
+
+def evaluation(p: Prepared, pred: np.ndarray, train_pred: np.ndarray, val_pred: np.ndarray | None,
+               zs_pred: np.ndarray) -> dict[str, Any]:
+    """A finished run's metrics from its predictions on the test, training (view 0) and validation images."""
     zs = accuracy(zs_pred, p.test.labels)
     test_acc = accuracy(pred, p.test.labels)
-    val_pred = predict(p.val_feats, text) if p.val_feats is not None else None
     return {
         "test_acc": test_acc,
         "val_acc_given": accuracy(val_pred, p.val_given) if val_pred is not None else float("nan"),
@@ -496,9 +557,6 @@ def evaluate(p: Prepared, clf: PromptClassifier, zs_pred: np.ndarray, ctx0: torc
         "per_class_acc": per_class_accuracy(pred, p.test.labels, p.test.classnames),
         "train": memorisation(train_pred, p.labels.given, p.labels.true),
         "noise": p.labels.summary(),
-        "text_cosine": {"init": init_cos, "final": mean_pairwise_cosine(text)},
-        "test_confidence": mean_confidence(p.test_feats, text, float(p.backbone.logit_scale)),
-        "ctx_drift": context_drift(clf.learner.ctx.detach(), ctx0),
         "logit_scale": float(p.backbone.logit_scale),
         "n_train": len(p.train),
         "n_test": len(p.test),

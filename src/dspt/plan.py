@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from .backbone import load_backbone
 from .config import RunConfig
 from .errors import ConfigError
+from .learners import get_learner
 from .losses import get_loss
 from .memory import GIB, OVERHEAD, PEAK_PER_SAVED, MemoryBudgetError, RowBudget, budget_bytes, free_memory
 from .methods import METHODS
@@ -88,7 +89,8 @@ class BatchPlan:
 
     def feature_bytes(self, runs: int) -> int:
         e = self.timing.embed_dim if self.timing else 512
-        per_run = (self.shape.n_train * (self.cfg.views + 1) + self.shape.n_test + self.shape.n_val) * e * 4
+        views = self.cfg.views if get_learner(self.cfg.learner).cached_features else 0
+        per_run = (self.shape.n_train * (views + 1) + self.shape.n_test + self.shape.n_val) * e * 4
         return runs * per_run
 
     @property
@@ -182,6 +184,8 @@ def time_shape(cfg: RunConfig, shape: RunShape, runs: int, max_memory: float | N
     model_bytes = sum(t.nelement() * t.element_size() for t in backbone.model.state_dict().values())
     nbytes = budget_bytes(max_memory, dev)
     budget = RowBudget(nbytes, "--max-memory" if max_memory else "the default budget") if nbytes else None
+    if get_learner(cfg.learner).module:
+        return _time_model(cfg, shape, backbone, budget, model_bytes, steps)
     r = runs * shape.learners
     learners = [PromptLearner(backbone, list(shape.names), cfg.n_ctx, cfg.ctx_init, cfg.csc,
                               cfg.class_token_position, seed=j) for j in range(r)]
@@ -229,6 +233,64 @@ def time_shape(cfg: RunConfig, shape: RunShape, runs: int, max_memory: float | N
     return ShapeTiming(statistics.median(times), eval_s, bookkeeping, encode, last.get("per_row_bytes"),
                        last.get("chunk_rows"),
                        step_peak, model_bytes, embed)
+
+
+def _time_model(cfg: RunConfig, shape: RunShape, backbone: Any, budget: RowBudget | None, model_bytes: int,
+                steps: int) -> ShapeTiming:
+    """`time_shape` for a learner with its own module (`dspt.learner_loop`): its training step on a minibatch
+    (pixels through the prompted image tower, or cached features for CoCoOp), and per epoch its pass over the
+    training images (view 0) for the diagnostics. The peak memory is measured on a GPU and, on the CPU, projected
+    from the bytes autograd saves in one step."""
+    from .learner_models import build_model
+    from .memory import saved_bytes
+
+    dev = backbone.device
+    model = build_model(cfg.learner, backbone, list(shape.names), cfg.learner_options, cfg.template or "{}",
+                        cfg.n_ctx, cfg.ctx_init, chunk=budget)
+    opt = torch.optim.SGD(list(model.trainable().values()), lr=1e-3, momentum=0.9)
+    gen = torch.Generator().manual_seed(0)
+    b = min(cfg.batch_size, max(shape.n_train, 1))
+    images = torch.randn(4, 3, backbone.image_size, backbone.image_size, generator=gen)
+    embed = backbone.encode_images(images[:1]).shape[-1]
+    _sync(dev)
+    t0 = time.perf_counter()
+    backbone.encode_images(images)
+    _sync(dev)
+    encode = (time.perf_counter() - t0) / len(images)
+    if model.image_input == "pixels":
+        x = torch.randn(b, 3, backbone.image_size, backbone.image_size, generator=gen).to(dev)
+    else:
+        x = F.normalize(torch.randn(b, embed, generator=gen), dim=-1).to(dev)
+    labels = torch.randint(0, shape.classes, (b,), generator=gen).to(dev)
+    loss_fn = get_loss(cfg.loss, **cfg.loss_options)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    base = torch.cuda.memory_allocated(dev) if dev.type == "cuda" else 0
+    times = []
+    for i in range(steps + 1):
+        _sync(dev)
+        t0 = time.perf_counter()
+        loss = loss_fn(model.logits(x), labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        _sync(dev)
+        if i:
+            times.append(time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        model.logits(x)
+    _sync(dev)
+    per_image = (time.perf_counter() - t0) / b
+    eval_s = per_image * shape.n_train  # every epoch: the training images through the learner
+    if dev.type == "cuda":
+        step_peak = int(torch.cuda.max_memory_allocated(dev) - base)
+    else:
+        step_peak = int(OVERHEAD + saved_bytes(lambda inputs: model.logits(inputs), x) * PEAK_PER_SAVED)
+    bookkeeping = min(_bookkeeping_s(shape, embed, torch.nn.utils.parameters_to_vector(
+        list(model.trainable().values())), loss_fn, dev) for _ in range(2)) + per_image * (shape.n_test + shape.n_val) \
+        / max(cfg.epochs, 1)  # the final evaluation, spread over the epochs
+    return ShapeTiming(statistics.median(times), eval_s, bookkeeping, encode, None, None, step_peak, model_bytes, embed)
 
 
 def _bookkeeping_s(shape: RunShape, embed: int, ctx: torch.Tensor, loss_fn: torch.nn.Module,
@@ -291,7 +353,8 @@ def plan_runs(cfgs: list[RunConfig], names: list[str] | None = None, batch_runs:
             per_run = b.feature_bytes(1)
             b.at_once = max(1, min(b.at_once, int(FEATURE_SHARE * free) // max(per_run, 1)))
         key = (cfg.model, cfg.precision, cfg.device, cfg.n_ctx, cfg.csc, cfg.class_token_position, cfg.loss,
-               b.shape.classes, b.shape.names[:1], len(b.shape.names), b.at_once * b.shape.learners, cfg.max_memory)
+               b.shape.classes, b.shape.names[:1], len(b.shape.names), b.at_once * b.shape.learners, cfg.max_memory,
+               cfg.learner, str(sorted(cfg.learner_options.items())), cfg.batch_size)
         if key not in timings:
             echo(f"plan: timing {cfg.model} {cfg.precision} at {b.shape.classes} classes x "
                  f"{b.at_once * b.shape.learners} prompt(s) ...")
@@ -326,8 +389,9 @@ def _cache_cost(batches: list[BatchPlan]) -> tuple[int, int, float]:
         t, s = b.timing, b.shape
         for cfg in b.configs:
             weights = (cfg.model, cfg.pretrained, cfg.checkpoint, cfg.precision)
-            items = [((*weights, cfg.data, cfg.dataset, cfg.shots, cfg.seed, cfg.views, cfg.crop_scale, cfg.hflip),
-                      s.n_train * (cfg.views + 1)), ((*weights, cfg.data, cfg.dataset, "test"), s.n_test + s.n_val)]
+            views = cfg.views if get_learner(cfg.learner).cached_features else 0  # VPT, MaPLe: view 0 only
+            items = [((*weights, cfg.data, cfg.dataset, cfg.shots, cfg.seed, views, cfg.crop_scale, cfg.hflip),
+                      s.n_train * (views + 1)), ((*weights, cfg.data, cfg.dataset, "test"), s.n_test + s.n_val)]
             for key, n in items:
                 if key not in seen:
                     seen.add(key)
@@ -359,6 +423,11 @@ def format_plan(plan: Plan) -> str:
         lines.append(f"{len(b.names):>5} {b.at_once:>7} {b.cfg.model:<12} {b.cfg.precision:<4} {b.shape.classes:>7} "
                      f"{b.rows:>6} {chunk!s:>10} {b.peak_bytes / GIB:>7.2f} {b.timing.step_s:>7.3f} "
                      f"{b.steps:>7} {_duration(b.train_s):>9}")
+    image_side = sorted({b.cfg.learner for b in plan.batches if not get_learner(b.cfg.learner).cached_features})
+    if image_side:
+        lines += ["", f"plan: learner(s) {', '.join(image_side)} prompt the image tower: it runs with gradients on "
+                  "every step's images (no feature cache), and each epoch passes the training images once more; "
+                  "timed so"]
     if any(b.shape.names and b.shape.names[0] == PLACEHOLDER_NAME for b in plan.batches):
         lines += ["", "plan: class names not on disk are placeholders as long as ImageNet's longest (12 tokens): "
                   "an upper bound where the real names are shorter"]

@@ -14,6 +14,7 @@ from .errors import ConfigError
 from .export import OnnxClassifier, collect_images, load_classifier
 from .features import encode_paths
 from .io import atomic_write_text
+from .learner_models import TunedModel
 from .train import load_prompt
 
 __all__ = ["collect_images", "predict_files", "predict_probabilities", "write_predictions"]
@@ -28,6 +29,11 @@ def predict_probabilities(source: str | os.PathLike, images: list[str], device: 
     paths = collect_images(images)
     if src.is_dir():
         clf = load_prompt(src, device=device, checkpoint=checkpoint)
+        if isinstance(clf, TunedModel):  # a learner with its own module: its image features, its classifier
+            encoder = clf.image_features if clf.image_input == "pixels" else None
+            feats = encode_paths(clf.backbone, paths, clf.backbone.test_transform(), desc="predict", encoder=encoder)
+            probs = clf.classify(feats.to(clf.backbone.device)).softmax(-1).cpu().numpy()
+            return paths, probs, list(clf.classnames)
         feats = encode_paths(clf.backbone, paths, clf.backbone.test_transform(), desc="predict")
         probs = clf.logits(feats.to(clf.backbone.device)).softmax(-1).cpu().numpy()
         return paths, probs, list(clf.learner.classnames)

@@ -29,6 +29,7 @@ from .data import (FP_PROTOCOLS, DataSplits, ImageDataset, false_positive_shots,
 from .errors import ConfigError
 from .features import cached_features
 from .io import atomic_write_json, atomic_write_text
+from .learners import get_learner
 from .metrics import accuracy, per_class_accuracy, predict
 from .noise import NoisyLabels, make_noisy_labels
 from .numbers import round_half_up
@@ -196,7 +197,9 @@ def prepare(cfg: RunConfig, run_dir: Path | None = None, backbone: Backbone | No
                           skip_bad=cfg.skip_bad_images)
     train, idx = sel.train, sel.indices
     options: dict[str, Any] = {} if sel.given is None else {"given": sel.given}
-    views, tr, encode_val = (cfg.views if cfg.path == "fast" else 0), None, None
+    # the reference path and an image-side learner (VPT, MaPLe) augment every step's images themselves
+    fast = cfg.path == "fast" and get_learner(cfg.learner).cached_features
+    views, tr, encode_val = (cfg.views if fast else 0), None, None
     if cfg.noise == "instance":  # the noise depends on the images: encode them before drawing the labels
         if backbone is None:
             backbone = load_backbone(cfg.model, cfg.pretrained, cfg.checkpoint, cfg.device, cfg.precision)

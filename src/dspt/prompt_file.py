@@ -17,19 +17,26 @@ from .backbone import Backbone, file_sha256, load_backbone
 from .config import RunConfig
 from .errors import BackboneError, ConfigError
 from .io import atomic_write
+from .learner_models import TunedModel, build_model
+from .learners import get_learner
 from .prompt import PromptClassifier, PromptLearner
 from .rundir import load_checkpoint
 
 
-def save_prompt(run_dir: Path, learner: PromptLearner, cfg: RunConfig, backbone: Backbone) -> None:
-    """The learned context and what rebuilds the classifier around it: model, weights (a checkpoint by
-    absolute path and sha256, so `load_prompt` can prove it has the same weights), template, classes."""
+def save_prompt(run_dir: Path, learner: PromptLearner | TunedModel, cfg: RunConfig, backbone: Backbone) -> None:
+    """The learned prompt and what rebuilds the classifier around it: model, weights (a checkpoint by
+    absolute path and sha256, so `load_prompt` can prove it has the same weights), template, classes, and the
+    learner with its options. CoOp's context is stored as `ctx`; a learner's module as its named parameters."""
     meta = learner.meta() | {"model": cfg.model, "pretrained": cfg.pretrained,
                              "checkpoint": str(Path(cfg.checkpoint).expanduser().resolve()) if cfg.checkpoint else None,
                              "weights_id": backbone.weights_id, "template": cfg.template}
+    if isinstance(learner, TunedModel):
+        tensors = {name: t.detach().cpu().contiguous() for name, t in learner.trainable().items()}
+    else:
+        meta["learner"] = cfg.learner  # coop or kgcoop: the same prompt, trained with another loss term
+        tensors = {"ctx": learner.ctx.detach().cpu().contiguous()}
     atomic_write(run_dir / "prompt.safetensors",
-                 lambda tmp: save_file({"ctx": learner.ctx.detach().cpu().contiguous()}, tmp,
-                                       metadata={"meta": json.dumps(meta)}))
+                 lambda tmp: save_file(tensors, tmp, metadata={"meta": json.dumps(meta)}))
 
 
 def _find_checkpoint(meta: dict[str, Any], run_dir: Path, override: str | Path | None) -> Path:
@@ -50,7 +57,7 @@ def _find_checkpoint(meta: dict[str, Any], run_dir: Path, override: str | Path |
 
 
 def load_prompt(run_dir: str | Path, backbone: Backbone | None = None, device: str | None = "cpu",
-                checkpoint: str | Path | None = None, learner: int = 0) -> PromptClassifier:
+                checkpoint: str | Path | None = None, learner: int = 0) -> PromptClassifier | TunedModel:
     """Rebuild the classifier of a finished run. The backbone is loaded from the run's record (or given, or
     from `checkpoint` when the file moved) and must carry the weights the run was trained with. `learner` j > 0:
     a method's other learner j (co-teaching's second prompt, dualprompt's negative one), from the run's last
@@ -70,6 +77,20 @@ def load_prompt(run_dir: str | Path, backbone: Backbone | None = None, device: s
     if expected and backbone.weights_id != expected:
         raise BackboneError(f"run '{run_dir}' was trained on weights {expected}, but the given backbone has "
                             f"{backbone.weights_id}; load the run's own model")
+    if meta.get("learner") and get_learner(meta["learner"]).module:  # CoCoOp, VPT, MaPLe: the learner's module
+        if learner:
+            raise ConfigError(f"'{run_dir}' trained one {meta['learner']} learner; pass learner=0")
+        model = build_model(meta["learner"], backbone, meta["classnames"], meta["learner_options"], meta["template"],
+                            meta.get("n_ctx") or 1, meta.get("ctx_init"))
+        saved = load_file(str(path))
+        own = model.trainable()
+        if set(saved) != set(own):
+            raise ConfigError(f"'{path}' does not hold the parameters of a {meta['learner']} learner; pass a run "
+                              "folder written by this dspt")
+        with torch.no_grad():
+            for name, tensor in own.items():
+                tensor.copy_(saved[name].to(tensor.device))
+        return model.eval()
     if learner == 0:
         ctx = load_file(str(path))["ctx"]
     else:

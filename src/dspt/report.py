@@ -39,7 +39,7 @@ from .results import read_results
 #: Columns a store must have for a report.
 REQUIRED = ["loss", "seed", "lr", "test_acc", "noise", "noise_rate"]
 #: Columns filled in where an older store lacks them.
-OPTIONAL = {"dataset": "data", "model": "?", "weights": "?", "shots": -1, "epochs": -1, "loss_options": "",
+OPTIONAL = {"dataset": "data", "model": "?", "weights": "?", "learner": "coop", "shots": -1, "epochs": -1, "loss_options": "",
             "val_acc_given": math.nan, "val_acc": math.nan, "zeroshot_acc": math.nan, "memorised": math.nan,
             "train_seconds": math.nan, "run_id": "", "val_labels": "", "val_realised_rate": math.nan,
             "val_why": "", "collapsed_at_epoch": math.nan, "collapse_kind": ""}
@@ -97,6 +97,7 @@ def runs_frame(runs: pd.DataFrame) -> pd.DataFrame:
     runs["weights"] = runs["weights"].fillna("?").astype(str).map(lambda w: Path(w).stem if "/" in w else w)
     for col in ("dataset", "model", "noise"):
         runs[col] = runs[col].fillna("?").astype(str)
+    runs["learner"] = runs["learner"].fillna("coop").astype(str)  # stores from before learners: CoOp
     runs["loss_options"] = runs["loss_options"].astype(object).where(runs["loss_options"].notna(), "")
     trained = runs["method"].fillna("plain").astype(str) if "method" in runs.columns else ["plain"] * len(runs)
     runs["method"] = [compare.method_label(l, o, m) for l, o, m in zip(runs["loss"], runs["loss_options"], trained)]
@@ -274,9 +275,11 @@ def write_plots(rep: Report, out: Path) -> list[Path]:
 
     written = []
     for key, st in rep.stats.groupby(PROTOCOL + ["dataset", "noise"], sort=True):
-        proto, dataset, noise = key[:4], key[4], key[5]
+        n = len(PROTOCOL)
+        proto, dataset, noise = key[:n], key[n], key[n + 1]
         title = f"{dataset}, {noise} noise; {rt.protocol_title(proto)}"
-        stem = _slug(*key)
+        learner = PROTOCOL.index("learner")  # CoOp's plots keep their names
+        stem = _slug(*(k for i, k in enumerate(key) if i != learner or k != "coop"))
         path = out / f"accuracy_vs_noise_{stem}.png"
         plots.accuracy_vs_noise(st, st["zeroshot_acc"].mean(), path, title, f"{noise} label noise (%)")
         written.append(path)

@@ -49,8 +49,9 @@ def interval_text(lo: float, hi: float) -> str:
 
 
 def protocol_title(key: tuple) -> str:
-    model, weights, shots, epochs = key
-    return f"{model} ({weights}), {shots_text(shots)} shots, {epochs} epochs"
+    model, weights, learner, shots, epochs = key
+    tuned = "" if learner == "coop" else f", learner {learner}"  # CoOp's context: the tables as they always were
+    return f"{model} ({weights}){tuned}, {shots_text(shots)} shots, {epochs} epochs"
 
 
 def _latex_escape(text: str) -> str:

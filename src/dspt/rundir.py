@@ -100,7 +100,7 @@ def result_row(cfg: RunConfig, metrics: dict[str, Any], run_dir: Path) -> dict[s
         "run_id": str(run_dir.resolve()), "dataset": Path(cfg.data).name if cfg.data else cfg.dataset,
         "model": cfg.model, "weights": cfg.checkpoint or cfg.pretrained or "random", "loss": cfg.loss,
         "loss_options": json.dumps(cfg.loss_options, sort_keys=True) if cfg.loss_options else "",
-        "method": cfg.method, "noise": cfg.noise, "noise_rate": cfg.noise_rate,
+        "method": cfg.method, "learner": cfg.learner, "noise": cfg.noise, "noise_rate": cfg.noise_rate,
         "realised_rate": metrics["noise"]["realised_rate"], "shots": cfg.shots, "seed": cfg.seed, "epochs": cfg.epochs,
         "lr": metrics.get("lr", cfg.lr), "path": cfg.path,
         "val_labels": metrics.get("validation", {}).get("labels", cfg.val_labels),

@@ -1,0 +1,210 @@
+"""The prompt-learner registry: name -> Learner spec (`--learner NAME`, `dspt learners` lists them).
+
+A prompt learner decides *which* parameters prompt tuning trains; the loss (`--loss`) and the method
+(`--method`) decide *how*. Each spec says which towers it changes and what that costs:
+
+- text-only learners (CoOp, KgCoOp) train on the frozen image tower's cached features and batch with other
+  runs (one text-tower pass for many runs' prompts);
+- CoCoOp conditions its prompt on each image's *frozen* features, so the cache still applies, but the text
+  tower runs once per (image, class) pair: it trains alone;
+- image-side learners (VPT, MaPLe) prompt the image tower: it runs, with gradients, on every step's images
+  (loaded and augmented per step as CoOp does), so no feature cache applies and they train alone.
+
+Defaults come from each paper's released configuration; the source is written beside each.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, ClassVar, TypeVar
+
+from .errors import ConfigError
+from .registries import registrar
+
+
+class Learner:
+    """What a prompt learner is, before any model exists: its towers, its cost model and its options."""
+
+    name: ClassVar[str] = "coop"
+    summary: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+    towers: ClassVar[str] = "text"  # "text", "image" or "both": the towers whose computation it changes
+    cached_features: ClassVar[bool] = True  # trains on the frozen image tower's cached features
+    batches: ClassVar[bool] = True  # several runs train as one model (text-only learners)
+    methods: ClassVar[tuple[str, ...] | None] = None  # the methods it trains with (None: every method)
+    options: ClassVar[dict[str, Any]] = {}  # option -> default (each from the paper's config, see the class)
+    layout: ClassVar[str] = "any"  # its text context: "any" of CoOp's, "shared-end" (one, before the name), "none"
+    module: ClassVar[str | None] = None  # its model class in dspt.learner_models (None: CoOp's PromptLearner)
+    context: ClassVar[str | None] = None  # the paper's context phrase, used when neither --n-ctx nor --ctx-init is given
+    lr: ClassVar[float] = 0.002  # the paper's SGD rate for CE (scaled like CoOp's for other losses)
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        return dict(cls.options)
+
+    @classmethod
+    def check(cls, options: dict[str, Any]) -> dict[str, Any]:
+        """The options with defaults filled in; an unknown one or a value out of range is a ConfigError."""
+        unknown = sorted(set(options) - set(cls.options))
+        if unknown:
+            takes = f"it takes: {', '.join(cls.options)}" if cls.options else "it takes no options"
+            raise ConfigError(f"unknown option(s) {', '.join(unknown)} for learner '{cls.name}'; {takes}")
+        out = cls.defaults()
+        for key, value in options.items():
+            kind = type(cls.options[key])
+            try:
+                number = float(value)
+                if kind is int and not number.is_integer():
+                    raise ValueError(value)
+            except (TypeError, ValueError):
+                raise ConfigError(f"learner '{cls.name}': option {key}={value!r} must be "
+                                  f"{'an integer' if kind is int else 'a number'}") from None
+            out[key] = kind(number)
+        cls.check_values(out)
+        return out
+
+    @classmethod
+    def check_values(cls, options: dict[str, Any]) -> None:
+        """A learner's own range checks (ConfigError naming the option and its range)."""
+
+    @classmethod
+    def check_method(cls, method: str) -> None:
+        if cls.methods is not None and method not in cls.methods:
+            raise ConfigError(f"method '{method}' does not train with learner '{cls.name}' in dspt: its methods read "
+                              f"the cached features of a text-only prompt; use --method "
+                              f"{' / '.join(cls.methods)} with it, or a text-only learner (coop, kgcoop)")
+
+    @classmethod
+    def cost(cls) -> str:
+        """One line for the plan and `dspt learners`: what a training step runs."""
+        if cls.batches:
+            return "text tower per step on cached image features; batches with other runs"
+        if cls.cached_features:
+            return "text tower per (image, class) pair on cached image features; trains alone"
+        return "image tower (with gradients) on every step's images, no feature cache; trains alone"
+
+
+LEARNERS: dict[str, type[Learner]] = {}
+
+_T = TypeVar("_T", bound=type)
+
+
+def register_learner(name: str) -> Callable[[_T], _T]:
+    """Decorator adding a Learner spec to :data:`LEARNERS` under `name`."""
+    return registrar(LEARNERS, name, "learner")
+
+
+def _positive(name: str, value: float) -> None:
+    if not value > 0:
+        raise ConfigError(f"learner option {name}={value} is invalid; it must be > 0")
+
+
+@register_learner("coop")
+class CoOp(Learner):
+    summary = "learned text context shared by all classes (or per class with --csc); the default"
+    paper = "Zhou et al., Learning to Prompt for Vision-Language Models, IJCV 2022"
+
+
+@register_learner("kgcoop")
+class KgCoOp(Learner):
+    summary = "CoOp + weight x (1 - mean cosine) between the learned and the hand-crafted prompt's class features"
+    paper = "Yao et al., Visual-Language Prompt Tuning with Knowledge-guided Context Optimization, CVPR 2023"
+    # weight 8.0: KgCoOp's trainers/kgcoop.py (loss = CE + 8.0 * score, score = 1 - mean cosine)
+    options = {"weight": 8.0}
+    context = "a photo of a"  # its code initialises the context from this phrase (4 tokens)
+
+    @classmethod
+    def check_values(cls, options: dict[str, Any]) -> None:
+        if not options["weight"] >= 0:
+            raise ConfigError(f"learner option weight={options['weight']} is invalid; it must be >= 0")
+
+
+@register_learner("cocoop")
+class CoCoOp(Learner):
+    summary = "CoOp + a meta-net that turns each image's frozen features into a token added to every context vector"
+    paper = "Zhou et al., Conditional Prompt Learning for Vision-Language Models, CVPR 2022"
+    towers = "text"
+    batches = False
+    methods = ("plain",)
+    # CoCoOp's configs/trainers/CoCoOp/vit_b16_c4_ep10_batch1_ctxv1.yaml: 4 context tokens from "a photo of a",
+    # lr 0.002, 10 epochs, batch 1; meta-net Linear(E, E // 16) - ReLU - Linear(E // 16, D) (trainers/cocoop.py)
+    options = {"reduction": 16}
+    lr = 0.002
+    module = "CoCoOpModel"
+    layout = "shared-end"
+    context = "a photo of a"
+
+    @classmethod
+    def check_values(cls, options: dict[str, Any]) -> None:
+        if options["reduction"] < 1:
+            raise ConfigError(f"learner option reduction={options['reduction']} is invalid; it must be >= 1")
+
+
+class _ImageSide(Learner):
+    module = "VPTModel"
+    layout = "none"
+    towers = "image"
+    cached_features = False
+    batches = False
+    methods = ("plain",)
+
+    @classmethod
+    def check_values(cls, options: dict[str, Any]) -> None:
+        if options["length"] < 1:
+            raise ConfigError(f"learner option length={options['length']} is invalid; it must be >= 1")
+        if options["depth"] < 1:
+            raise ConfigError(f"learner option depth={options['depth']} is invalid; it must be >= 1 (layers)")
+
+
+@register_learner("vpt")
+class VPTShallow(_ImageSide):
+    summary = "learned tokens appended to the image tower's input (shallow VPT); text: the hand-crafted prompt"
+    paper = "Jia et al., Visual Prompt Tuning, ECCV 2022"
+    # length 8: N_CTX_VISION of the VPT baseline in MaPLe's repository (configs/trainers/VPT/
+    # vit_b16_c2_ep5_batch4_4.yaml: lr 0.0025, 5 epochs, batch 4, prompts ~ N(0, 0.02)); depth 1 is VPT-shallow
+    options = {"length": 8, "depth": 1}
+    lr = 0.0025
+
+
+@register_learner("vpt-deep")
+class VPTDeep(_ImageSide):
+    summary = "VPT-deep: new learned image tokens at the input of each of the first `depth` layers (0: all)"
+    paper = "Jia et al., Visual Prompt Tuning, ECCV 2022"
+    # the same config: 8 tokens, PROMPT_DEPTH_VISION 12 (every layer of ViT-B/16); depth 0 = every layer
+    options = {"length": 8, "depth": 0}
+    lr = 0.0025
+
+    @classmethod
+    def check_values(cls, options: dict[str, Any]) -> None:
+        if options["length"] < 1:
+            raise ConfigError(f"learner option length={options['length']} is invalid; it must be >= 1")
+        if options["depth"] < 0:
+            raise ConfigError(f"learner option depth={options['depth']} is invalid; it must be >= 0 (0: all)")
+
+
+@register_learner("maple")
+class MaPLe(_ImageSide):
+    summary = "text context in the first `depth` text layers, each mapped into image prompts at the same layer"
+    paper = "Khattak et al., MaPLe: Multi-modal Prompt Learning, CVPR 2023"
+    towers = "both"
+    # MaPLe's configs/trainers/MaPLe/vit_b16_c2_ep5_batch4_2ctx.yaml: N_CTX 2, PROMPT_DEPTH 9, CTX_INIT
+    # "a photo of a", lr 0.0035, 5 epochs, batch 4; the context length here is --n-ctx / --ctx-init
+    options = {"depth": 9}
+    lr = 0.0035
+    module = "MaPLeModel"
+    layout = "shared-end"
+    context = "a photo"  # MaPLe learns the first N_CTX = 2 words of "a photo of a" (the rest stay fixed text there)
+
+    @classmethod
+    def check_values(cls, options: dict[str, Any]) -> None:
+        if options["depth"] < 1:
+            raise ConfigError(f"learner option depth={options['depth']} is invalid; it must be >= 1 (layers)")
+
+
+def learner_names() -> list[str]:
+    return list(LEARNERS)
+
+
+def get_learner(name: str) -> type[Learner]:
+    if name not in LEARNERS:
+        raise ConfigError(f"unknown learner '{name}'; choose one of: {', '.join(LEARNERS)} (`dspt learners` lists "
+                          "them)")
+    return LEARNERS[name]
