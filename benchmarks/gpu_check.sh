@@ -17,6 +17,7 @@
 #                default GPU budget, a training run per precision); without a registered `gpu` marker, the test
 #                files that need CUDA; without those, tests/test_memory.py (on the CPU), and it says so
 #   scale        benchmarks/scale.py --suite gpu (RN50, ViT-B-16, ViT-L-14 x C 10/100/397/1000 x R 1/8 x fp32/bf16)
+#   learners     benchmarks/learners.py --suite gpu (each prompt learner's step against CoOp's, ViT-B-16)
 #   sweep_speed  benchmarks/sweep_speed.py --suite gpu, cut to 20 runs x 10 epochs to fit
 #   speed        benchmarks/speed.py --suite gpu --model ViT-B-16 (needs ../shared/data/cifar10_jpeg.tar.gz, or
 #                DSPT_CIFAR_TARBALL; skipped without it)
@@ -200,6 +201,9 @@ exit \$rc"
 # ------------------------------------------------------------------------------------------ benchmarks
 step scale 170 "$WORK/scale.json" "scale.py --suite gpu, 2 timed steps per case after 1 warm-up" -- \
     "$PY" benchmarks/scale.py --suite gpu --steps 2 --json "$WORK/scale.json"
+
+step learners 60 "$WORK/learners.json" "learners.py --suite gpu: every prompt learner's step against CoOp's at ViT-B-16, C 10/100, batch 4/32, fp32/bf16" -- \
+    "$PY" benchmarks/learners.py --suite gpu --batch 4,32 --json "$WORK/learners.json"
 
 step sweep_speed 80 "$WORK/sweep_speed.out" "sweep_speed.py --suite gpu cut to 20 runs x 10 epochs (its default 100 x 200 does not fit 8 minutes); figures: its printed table (it has no --json)" -- \
     "$PY" benchmarks/sweep_speed.py --suite gpu --runs 20 --epochs 10 --work "$WORK/sweep"

@@ -3,8 +3,6 @@ and gradients), only the learner's own parameters train, the registry's one-line
 
 The independent computations run open_clip's own `Transformer.forward` (not dspt's block loop) and put the deep
 prompts in with forward pre-hooks on its blocks, at full context length (no truncation, no shared prefix)."""
-import copy
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,6 +11,7 @@ from dspt.backbone import load_backbone
 from dspt.errors import BackboneError, ConfigError
 from dspt.learner_models import CoCoOpModel, MaPLeModel, VPTModel, kg_penalty
 from dspt.prompt import text_parts
+from dspt.prompted_towers import prompted_image_features
 
 CLASSES = ["dog", "golden retriever", "red-winged blackbird"]
 TEMPLATE = "a photo of a {}."
@@ -101,8 +100,7 @@ def test_vpt_equals_open_clip_with_prompt_tokens(bb64, pixels, depth):
     ours = model.image_features(pixels)
     ref = F.normalize(reference_image(bb64.model.visual, pixels, params), dim=-1)
     assert ours.dtype == torch.float32  # features leave the learner in float32, as the frozen tower's do
-    ours64 = F.normalize(__import__("dspt.prompted_towers", fromlist=["x"]).prompted_image_features(
-        bb64.model.visual, pixels, params), dim=-1)
+    ours64 = F.normalize(prompted_image_features(bb64.model.visual, pixels, params), dim=-1)
     torch.testing.assert_close(ours64, ref, rtol=0, atol=1e-10)
     for a, b in zip(_grads(ours64, params), _grads(ref, params)):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
@@ -117,7 +115,7 @@ def test_maple_text_and_image_equal_independent_computation(bb64, pixels):
     assert len(model.deep) == 2 and len(model.deep_proj) == 2
     # MaPLe deep-copies one linear map per layer: every map starts equal
     assert torch.equal(model.deep_proj[0].weight, model.deep_proj[1].weight)
-    from dspt.prompted_towers import deep_text_features, prompted_image_features
+    from dspt.prompted_towers import deep_text_features
 
     length = prompt.max_eos + 1
     ours = deep_text_features(text_parts(bb64.model), prompt(length), prompt.eos, list(model.deep), length)
@@ -249,7 +247,11 @@ def test_registry_options_and_pairings():
         RunConfig(**base, learner="cocoop", csc=True).resolved(need_data=False)
     with pytest.raises(ConfigError, match="learner 'vpt' learns no text context"):
         RunConfig(**base, learner="vpt", ctx_init="a photo of a").resolved(need_data=False)
-    cfg = RunConfig(**base, learner="maple").resolved(need_data=False)
+    with pytest.raises(ConfigError, match="model 'RN50' has a ResNet image tower"):  # before any image is read
+        RunConfig(data="/x", model="RN50", pretrained=None, learner="maple").resolved(need_data=False)
+    with pytest.raises(ConfigError, match="depth 9 is beyond the shorter tower's 3 layers"):
+        RunConfig(**base, learner="maple").resolved(need_data=False)
+    cfg = RunConfig(data="/x", model="ViT-B-16", pretrained=None, learner="maple").resolved(need_data=False)
     assert cfg.ctx_init == "a photo" and cfg.n_ctx == 2 and cfg.learner_options == {"depth": 9}
     assert cfg.default_name().endswith("-maple")
     cfg = RunConfig(**base, learner="kgcoop", n_ctx=8).resolved(need_data=False)  # a given context wins

@@ -342,6 +342,11 @@ def audit(cfg: RunConfig, output: str | Path, folds: int = 5, review: bool = Tru
     from .train import prepare
 
     cfg = cfg.resolved()
+    from .learners import get_learner
+
+    if get_learner(cfg.learner).module:
+        raise ConfigError(f"dspt audit scores held-out images with each fold's class features on cached image "
+                          f"features, which learner '{cfg.learner}' does not have; audit with --learner coop or kgcoop")
     p = prepare(cfg)  # reads and checks the data before anything is written
     check_folds(p.labels.given, p.train.classnames, folds)
     out = Path(output)

@@ -150,6 +150,8 @@ def _train_group(group: list[_Run]) -> None:
         for batch in by_start.values():
             if batch[0].model is not None:  # a learner with its own module: alone (its key is unique)
                 for run in batch:
+                    log.info("%s: learner '%s' trains alone (%s)", run.run_dir.name, run.cfg.learner,
+                             get_learner(run.cfg.learner).cost())
                     fit_model(run)
             else:
                 _fit(batch)

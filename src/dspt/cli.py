@@ -309,7 +309,8 @@ def cmd_learners(args: argparse.Namespace) -> int:
         print(f"  {'':9s} changes: {towers}; step: {spec.cost()}")
         methods = "every method" if spec.methods is None else ", ".join(spec.methods)
         context = f"; context '{spec.context}'" if spec.context else ""
-        print(f"  {'':9s} options: {opts}; CE lr {spec.lr:g}{context}; methods: {methods}")
+        print(f"  {'':9s} options: {opts}; CE lr {spec.lr:g}{context}; paper schedule {spec.schedule['epochs']} "
+              f"epochs, batch {spec.schedule['batch_size']}; methods: {methods}")
     return 0
 
 

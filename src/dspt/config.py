@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from .backbone import PRECISIONS, check_model_name
+from .backbone import PRECISIONS, BackboneError, check_model_name
 from .errors import ConfigError
 from .losses import get_loss
 from .noise import NOISE_TYPES
@@ -379,6 +379,14 @@ class RunConfig:
         if spec.layout == "shared-end" and (self.csc or self.class_token_position != "end"):
             raise ConfigError(f"learner '{self.learner}' learns one context shared by all classes, before the class "
                               "name; drop --csc and --class-token-position")
+        if spec.module and spec.towers != "text":  # VPT, MaPLe: the model's config must have a ViT deep enough
+            from .prompted_towers import check_tower_config
+
+            try:
+                check_tower_config(self.model, self.learner, int(self.learner_options["depth"]),
+                                   both=spec.towers == "both")
+            except BackboneError as exc:
+                raise ConfigError(str(exc)) from None
         if spec.layout == "none" and (self.csc or self.ctx_init or self.class_token_position != "end"):
             raise ConfigError(f"learner '{self.learner}' learns no text context (its classifier is the template's "
                               "class features); drop --csc, --ctx-init and --class-token-position")

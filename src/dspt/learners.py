@@ -35,6 +35,8 @@ class Learner:
     module: ClassVar[str | None] = None  # its model class in dspt.learner_models (None: CoOp's PromptLearner)
     context: ClassVar[str | None] = None  # the paper's context phrase, used when neither --n-ctx nor --ctx-init is given
     lr: ClassVar[float] = 0.002  # the paper's SGD rate for CE (scaled like CoOp's for other losses)
+    # the paper's epochs and batch size at 16 shots (the `learners` preset trains each learner on its own)
+    schedule: ClassVar[dict[str, int]] = {"epochs": 200, "batch_size": 32}  # CoOp: configs/trainers/CoOp/*_ep200
 
     @classmethod
     def defaults(cls) -> dict[str, Any]:
@@ -110,6 +112,7 @@ class KgCoOp(Learner):
     # weight 8.0: KgCoOp's trainers/kgcoop.py (loss = CE + 8.0 * score, score = 1 - mean cosine)
     options = {"weight": 8.0}
     context = "a photo of a"  # its code initialises the context from this phrase (4 tokens)
+    schedule = {"epochs": 100, "batch_size": 128}  # configs/trainers/KgCoOp/vit_b16_ep100_ctxv1.yaml
 
     @classmethod
     def check_values(cls, options: dict[str, Any]) -> None:
@@ -130,6 +133,7 @@ class CoCoOp(Learner):
     lr = 0.002
     module = "CoCoOpModel"
     layout = "shared-end"
+    schedule = {"epochs": 10, "batch_size": 1}
     context = "a photo of a"
 
     @classmethod
@@ -139,6 +143,7 @@ class CoCoOp(Learner):
 
 
 class _ImageSide(Learner):
+    schedule = {"epochs": 5, "batch_size": 4}  # the VPT and MaPLe configs: *_ep5_batch4_*.yaml
     module = "VPTModel"
     layout = "none"
     towers = "image"

@@ -354,7 +354,7 @@ def _fit(batch: list[_Run]) -> None:
                     loss = run.loss_fn(logits[slots[k][0]], y)
                 else:
                     loss = run.method.loss(logits[slots[k][0]:slots[k][-1] + 1], idx[k].to(dev), y)
-                if run.kg_reference is not None:  # KgCoOp: every prompt of the run stays near the hand-crafted one
+                if run.kg_reference is not None and run.cfg.learner_options["weight"]:  # KgCoOp: every prompt of the run stays near the hand-crafted one
                     weight = run.cfg.learner_options["weight"]
                     loss = loss + weight * sum(kg_penalty(text_all[slot], run.kg_reference) for slot in slots[k])
                 if not torch.isfinite(loss):

@@ -216,13 +216,18 @@ def describe(name: str) -> str:
         if text not in noise:
             noise.append(text)
     pretrained = spec.get("pretrained", "openai")
+    learners = list(dict.fromkeys(x for e in spec.get("grids", []) for x in _as_list(e.get("learner", []))))
+    training = (f"{spec.get('shots', 16)} shots, {spec.get('epochs')} epochs, batch {spec.get('batch_size', 32)}, "
+                f"n_ctx {spec.get('n_ctx', 16)}, class token {spec.get('class_token_position', 'end')}, context init "
+                f"{spec.get('ctx_init') or 'random'}")
+    if learners:  # each learner on its own paper's schedule and context
+        training = (f"{spec.get('shots', 16)} shots; learners {', '.join(learners)}, each on its paper's epochs, "
+                    "batch size, context and options (`dspt learners`)")
     rows = [
         ("models", ", ".join(f"{m} ({pretrained})" for m in _as_list(spec.get("model", "RN50")))),
         ("datasets", ", ".join(preset_datasets(spec))),
         ("noise", "; ".join(noise)),
-        ("training", f"{spec.get('shots', 16)} shots, {spec.get('epochs')} epochs, "
-                     f"batch {spec.get('batch_size', 32)}, n_ctx {spec.get('n_ctx', 16)}, class token "
-                     f"{spec.get('class_token_position', 'end')}, context init {spec.get('ctx_init') or 'random'}"),
+        ("training", training),
         ("lr", preset.lr_rule.removeprefix("learning rate: ")),
         ("losses", ", ".join(losses)),
         ("methods", (", ".join(methods) + " (each on CE)") if methods else "none"),
@@ -328,3 +333,33 @@ register_preset(Preset("ptnl", "PTNL protocol: CoOp RN50, 16 shots, 50 epochs; s
                        "datasets; CE vs GCE; seeds 1-3", PTNL_SOURCE, ptnl_spec, LR_RULE))
 register_preset(Preset("ptnl-vitb16", f"{_VIT} ptnl", PTNL_SOURCE + " ViT-B/16: same schedule, other backbone.",
                        lambda: ptnl_spec("ViT-B-16"), LR_RULE))
+
+LEARNERS_SOURCE = (
+    "The plug-in table of NLPrompt (Pan et al., CVPR 2025), which reports its loss inside other prompt learners, "
+    "asked of every learner of `dspt learners` with CE, DSPT and MAE (PromptMAE, NLPrompt's loss for its noisy "
+    "part). ViT-B/16 (openai): the image-side learners need a ViT. 16 shots, sym noise at NLPrompt's rates 12.5-75 % "
+    "(2..12 of 16), seeds 1-3, the 10 CoOp datasets without ImageNet. Each learner trains on its own paper's "
+    "schedule (epochs and batch size: CoOp 200 / 32, KgCoOp 100 / 128, CoCoOp 10 / 1, VPT and MaPLe 5 / 4; "
+    "`dspt learners` names the config files) with its paper's context and options; the losses are compared "
+    "within a learner, never across schedules.")
+LEARNERS_LR_RULE = ("learning rate: each learner's paper rate for CE (CoOp, KgCoOp, CoCoOp 0.002, VPT 0.0025, MaPLe "
+                    "0.0035); DSPT and MAE at that rate scaled so their first step equals CE's (`dspt losses`), as "
+                    "no paper ran them in these learners. To choose rates on validation data instead: --set "
+                    "lr=... and `dspt report`")
+
+
+def learners_spec(model: str = "ViT-B-16") -> dict[str, Any]:
+    """Every prompt learner x CE, DSPT, MAE under sym noise at NLPrompt's rates (each learner on its paper's
+    epochs and batch size)."""
+    from .learners import LEARNERS
+
+    grids = [{"learner": [name], "epochs": [spec.schedule["epochs"]], "batch_size": [spec.schedule["batch_size"]],
+              "dataset": list(COOP_10), "noise": ["sym"], "noise_rate": [fp / 16 for fp in FP_16]}
+             for name, spec in LEARNERS.items()]
+    return {"model": model, "pretrained": "openai", "shots": 16, "loss": ["ce", "dspt", "mae"], "seed": [1, 2, 3],
+            "grids": grids}
+
+
+register_preset(Preset("learners", "every prompt learner (CoOp, KgCoOp, CoCoOp, VPT, MaPLe) x CE, DSPT, MAE: "
+                       "ViT-B/16, 16 shots, sym noise 12.5-75 % on 10 CoOp datasets, each learner on its paper's "
+                       "schedule; seeds 1-3", LEARNERS_SOURCE, learners_spec, LEARNERS_LR_RULE))

@@ -33,6 +33,27 @@ def image_tower(backbone: Backbone, learner: str) -> nn.Module:
     return visual
 
 
+def check_tower_config(model_name: str, learner: str, depth: int, both: bool) -> None:
+    """Refuse, from open_clip's config alone (before any image is read), an image tower that cannot take prompt
+    tokens or a depth beyond its layers; a config open_clip does not describe is checked when the model is built."""
+    import open_clip
+
+    cfg = open_clip.get_model_config(model_name) or {}
+    vision, text = cfg.get("vision_cfg", {}), cfg.get("text_cfg", {})
+    layers = vision.get("layers")
+    if vision.get("timm_model_name") or isinstance(layers, (list, tuple)):
+        kind = f"timm's {vision['timm_model_name']}" if vision.get("timm_model_name") else "a ResNet"
+        raise BackboneError(f"learner '{learner}' prompts the image tower's tokens, but model '{model_name}' has "
+                            f"{kind} image tower (not open_clip's ViT); use a ViT model (ViT-B-16, ...) or a "
+                            "text-side learner (coop, kgcoop, cocoop)")
+    if isinstance(layers, int):
+        limit = min(layers, text.get("layers", layers)) if both else layers
+        what = "shorter tower" if both else "image tower"
+        if depth > limit:
+            raise BackboneError(f"learner '{learner}': depth {depth} is beyond the {what}'s {limit} layers; pass "
+                                f"--learner-opt depth=N with N <= {limit}")
+
+
 def image_layers(backbone: Backbone) -> int:
     return len(backbone.model.visual.transformer.resblocks)
 
