@@ -241,8 +241,13 @@ def test_registry_options_and_pairings():
         RunConfig(**base, learner="vpt", learner_options={"length": 0}).resolved(need_data=False)
     with pytest.raises(ConfigError, match="depth=1.5.* must be an integer"):
         RunConfig(**base, learner="vpt", learner_options={"depth": 1.5}).resolved(need_data=False)
-    with pytest.raises(ConfigError, match="method 'coteaching' does not train with learner 'maple'"):
-        RunConfig(**base, learner="maple", method="coteaching").resolved(need_data=False)
+    with pytest.raises(ConfigError, match="method 'dualprompt' does not train learner 'vpt' .*pairs CoOp prompts"):
+        RunConfig(**base, learner="vpt", method="dualprompt").resolved(need_data=False)
+    with pytest.raises(ConfigError, match="method 'nlprompt' does not train learner 'cocoop'"):
+        RunConfig(**base, learner="cocoop", method="nlprompt").resolved(need_data=False)
+    with pytest.raises(ConfigError, match="method 'joapr' does not train learner 'maple'"):
+        RunConfig(data="/x", model="ViT-B-16", pretrained=None, learner="maple", method="joapr",
+                  loss="ce").resolved(need_data=False)
     with pytest.raises(ConfigError, match="learner 'cocoop' learns one context shared by all classes"):
         RunConfig(**base, learner="cocoop", csc=True).resolved(need_data=False)
     with pytest.raises(ConfigError, match="learner 'vpt' learns no text context"):

@@ -82,6 +82,31 @@ def test_crash_then_resume_ends_with_the_numbers_of_an_uninterrupted_run(data, t
     assert logged == [0, 1, 2]  # each epoch logged once
 
 
+@pytest.mark.parametrize("learner, method, logged", [
+    ("vpt", "coteaching", "method_kept_share"), ("cocoop", "coteaching", "method_kept_share"),
+    ("maple", "nlprompt", "method_ot_error"), ("cocoop", "joapr", "method_noisy_recall"),
+])
+def test_methods_train_the_module_learners_and_resume(data, tmp_path, learner, method, logged):
+    """A method's learners are modules of the run's learner (co-teaching: two), its epoch view their own
+    predictions; a crash and a resume end with the numbers of an uninterrupted run."""
+    extra = ["--method", method, "--loss", "ce"] + (["--method-opt", "warmup=1"] if method == "joapr" else [])
+    assert _train(data, tmp_path / "whole", tmp_path / "cache", learner, *extra) == 0
+    log = [r for r in read_jsonl(tmp_path / "whole" / "log.jsonl") if r.get("event") == "epoch"]
+    assert logged in log[-1], sorted(log[-1])
+    with crash_before_checkpoint(1), pytest.raises(Crash):
+        _train(data, tmp_path / "cut", tmp_path / "cache", learner, *extra)
+    assert _train(data, tmp_path / "cut", tmp_path / "cache", learner, *extra) == 0
+    a = json.loads((tmp_path / "whole" / "metrics.json").read_text())
+    b = json.loads((tmp_path / "cut" / "metrics.json").read_text())
+    assert (a["test_acc"], a["final_loss"]) == (b["test_acc"], b["final_loss"])
+    if method == "coteaching":  # the second learner's parameters are checkpointed beside the first's
+        from dspt.rundir import load_checkpoint
+
+        ckpt = load_checkpoint(tmp_path / "cut")
+        assert ckpt["extra"]["ctx_1"].shape == ckpt["ctx"].shape
+        assert not torch.equal(ckpt["extra"]["ctx_1"], ckpt["ctx"])
+
+
 def test_kgcoop_at_weight_zero_is_coop_and_its_penalty_keeps_the_prompt_near_the_template(data, tmp_path):
     from dspt.learner_models import kg_penalty
     from dspt.prepare import zeroshot_text_features
@@ -130,7 +155,7 @@ def test_every_learner_learns_above_zero_shot_on_clean_labels(miniature, tmp_pat
 @pytest.mark.parametrize("args, words", [
     (["--learner", "coopp"], "unknown learner 'coopp'"),
     (["--learner", "vpt", "--learner-opt", "depth=9"], "depth 9 is beyond the image tower's 4 layers"),
-    (["--learner", "maple", "--method", "coteaching"], "method 'coteaching' does not train with learner 'maple'"),
+    (["--learner", "vpt", "--method", "dualprompt"], "method 'dualprompt' does not train learner 'vpt'"),
     (["--learner", "kgcoop", "--learner-opt", "weight=x"], "is not a number"),
 ])
 def test_bad_learner_input_is_one_line_nonzero_and_leaves_nothing(data, tmp_path, capsys, args, words):

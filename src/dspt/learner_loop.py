@@ -3,7 +3,9 @@
 CoOp's loop (`dspt.loop._fit`) trains many runs' contexts as one batched parameter on cached features. The
 learners here own several parameter tensors, and the image-side ones run the image tower on every step's images
 (loaded and augmented per step, as CoOp's own trainer does; the draws are the reference path's, seeded per
-epoch), so each run trains alone, with torch's SGD over its module's parameters. Everything else is CoOp's loop:
+epoch), so each run trains alone, with torch's SGD over its modules' parameters (a method's learners are
+copies of the learner, each with its own initialisation; the method sees their own predictions on the training
+images as each epoch begins). Everything else is CoOp's loop:
 the learning-rate schedule, the per-epoch generators, the loss, the diagnostics and collapse tracking on the
 training images (view 0), the checkpoint every epoch (all parameters as one vector, and the momentum) and the
 run folder. The test split is evaluated once, at the end (its per-epoch test accuracy is not logged: for an
@@ -19,8 +21,11 @@ from tqdm.auto import tqdm
 
 from .coop_reference import _ReferenceBatches
 from .features import encode_paths
-from .loop import (_diagnostics, _diverged, _end_epoch, _fail, _finish, _parameters, _Run, _set_parameters,
-                   _step_plan, epoch_generator, evaluation, grad_scaler, lr_at, optimizer_step)
+from .learner_models import TunedModel
+from .loop import (_diagnostics, _diverged, _end_epoch, _fail, _finish, _parameters, _Run, _step_plan,
+                   epoch_generator, evaluation, grad_scaler, lr_at, method_generator, model_vector, optimizer_step,
+                   set_model_vector)
+from .methods import EpochView, Method
 from .prompt import mean_pairwise_cosine
 
 
@@ -37,10 +42,10 @@ def _load_momentum(opt: torch.optim.SGD, params: list[torch.Tensor], vector: tor
 
 
 @torch.no_grad()
-def image_features(run: _Run, split: str) -> torch.Tensor:
-    """[N, E] features of a split's images (view 0: the test transform) under the run's learner: the cached ones
-    for a learner that keeps the frozen image tower, else its own prompted tower over every image."""
-    p, model = run.p, run.model
+def image_features(run: _Run, split: str, model: TunedModel | None = None) -> torch.Tensor:
+    """[N, E] features of a split's images (view 0: the test transform) under a learner (default: the run's):
+    the cached ones for a learner that keeps the frozen image tower, else its own prompted tower over every image."""
+    p, model = run.p, model or run.model
     if model.image_input == "features":
         return {"train": p.train_feats[0], "test": p.test_feats, "val": p.val_feats}[split]
     data = {"train": p.train, "test": p.test, "val": p.val}[split]
@@ -55,9 +60,27 @@ def image_features(run: _Run, split: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _logits(run: _Run, feats: torch.Tensor, chunk: int = 256) -> torch.Tensor:
-    return torch.cat([run.model.classify(feats[i:i + chunk]) for i in range(0, len(feats), chunk)]) \
-        if len(feats) else torch.empty(0, run.p.train.num_classes, device=feats.device)
+def _logits(model: TunedModel, feats: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    return torch.cat([model.classify(feats[i:i + chunk]) for i in range(0, len(feats), chunk)]) \
+        if len(feats) else torch.empty(0, model.num_classes, device=feats.device)
+
+
+def _anchor(run: _Run) -> torch.Tensor:
+    """The mean training image (view 0), normalised: where CoCoOp's class features are read."""
+    return torch.nn.functional.normalize(run.p.train_feats[0].float().mean(0, keepdim=True), dim=-1)
+
+
+@torch.no_grad()
+def _epoch_view(run: _Run, epoch: int, gen: torch.Generator) -> EpochView:
+    """What the run's method sees as the epoch begins: every learner's logits of the training images (view 0),
+    learner 0's image features and every learner's class features."""
+    p = run.p
+    feats = [image_features(run, "train", m) for m in run.models]
+    logits = torch.stack([_logits(m, f) for m, f in zip(run.models, feats)]).float()
+    text = torch.stack([m.class_features(_anchor(run)) for m in run.models]).float()
+    return EpochView(epoch=epoch, epochs=run.cfg.epochs, logits=logits, image_features=feats[0].float(),
+                     text_features=text, given=torch.as_tensor(p.labels.given, device=logits.device),
+                     logit_scale=float(p.backbone.logit_scale), gen=gen, is_noisy=p.labels.is_noisy)
 
 
 def fit_model(run: _Run) -> None:
@@ -69,15 +92,19 @@ def fit_model(run: _Run) -> None:
 
 
 def _fit_model(run: _Run) -> None:
-    p, cfg, model = run.p, run.cfg, run.model
+    p, cfg, models, method = run.p, run.cfg, run.models, run.method
     dev = p.backbone.device
-    params = list(model.trainable().values())
-    opt = torch.optim.SGD(params, lr=run.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    params = [list(m.trainable().values()) for m in models]
+    opt = torch.optim.SGD([q for ps in params for q in ps], lr=run.lr, momentum=cfg.momentum,
+                          weight_decay=cfg.weight_decay)
     scaler = grad_scaler(p.backbone)
     ckpt = run.checkpoint
     if ckpt is not None:
-        if ckpt["momentum"] is not None and cfg.momentum:
-            _load_momentum(opt, params, ckpt["momentum"])
+        if cfg.momentum:
+            for j, ps in enumerate(params):
+                saved = ckpt["momentum"] if j == 0 else ckpt["extra"].get(f"momentum_{j}")
+                if saved is not None:
+                    _load_momentum(opt, ps, saved)
         torch.set_rng_state(ckpt["torch_rng"])
         if ckpt["cuda_rng"] is not None and dev.type == "cuda":
             torch.cuda.set_rng_state_all(list(ckpt["cuda_rng"]))
@@ -85,21 +112,27 @@ def _fit_model(run: _Run) -> None:
             scaler.load_state_dict(ckpt["scaler"])
 
     def snapshot() -> dict[str, torch.Tensor]:
-        return {"ctx": _parameters(run).detach().clone(), "momentum": _momentum(opt, params).clone()}
+        state = {}
+        for j, (m, ps) in enumerate(zip(models, params)):
+            state[f"ctx_{j}"], state[f"momentum_{j}"] = model_vector(m).detach().clone(), _momentum(opt, ps).clone()
+        return state
 
     def restore(state: dict[str, torch.Tensor]) -> None:
-        _set_parameters(run, state["ctx"])
-        if cfg.momentum:
-            _load_momentum(opt, params, state["momentum"])
+        for j, (m, ps) in enumerate(zip(models, params)):
+            set_model_vector(m, state[f"ctx_{j}"])
+            if cfg.momentum:
+                _load_momentum(opt, ps, state[f"momentum_{j}"])
 
     if cfg.collapse_guard:
         run.healthy = snapshot()
-    pixels = _ReferenceBatches(p) if model.image_input == "pixels" else None
+    plain = type(method) is Method
+    pixels = _ReferenceBatches(p) if run.model.image_input == "pixels" else None
     given = torch.as_tensor(p.labels.given, device=dev)
     n, views = len(p.train), p.train_feats.shape[0] - 1
     kind, steps = _step_plan(n, cfg.batch_size)
     steps = steps if kind == "steps" else 1
-    model.train()
+    for m in models:
+        m.train()
     t_train = time.perf_counter()
     bar = tqdm(range(run.start, cfg.epochs), desc=f"{cfg.learner} {cfg.loss} {cfg.noise}{cfg.noise_rate:g}",
                disable=not cfg.progress, initial=run.start, total=cfg.epochs, leave=False)
@@ -111,22 +144,34 @@ def _fit_model(run: _Run) -> None:
         order = torch.randperm(n, generator=gen)
         view = torch.randint(1, views + 1, (n,), generator=gen) if views > 0 and pixels is None \
             else torch.zeros(n, dtype=torch.long)
+        mgen = method_generator(p.seeds["epochs"], epoch)
+        if not plain:
+            method.begin_epoch(_epoch_view(run, epoch, mgen))
         losses: list[float] = []
         for s in range(steps):
             idx = order[s * cfg.batch_size:(s + 1) * cfg.batch_size] if kind == "steps" else order
             x = pixels.pixels(idx, gen) if pixels is not None else p.train_feats[view[idx].to(dev), idx.to(dev)]
-            loss = run.loss_fn(model.logits(x.to(dev)), given[idx.to(dev)])
+            x, y = x.to(dev), given[idx.to(dev)]
+            if plain:
+                loss = run.loss_fn(run.model.logits(x), y)
+            else:
+                x = method.inputs(x, idx, mgen)
+                loss = method.loss(torch.stack([m.logits(x) for m in models]), idx.to(dev), y)
             if not torch.isfinite(loss):
                 raise _diverged(f"non-finite loss ({loss.item()}) at epoch {epoch + 1} step {s + 1}", cfg,
                                 run.run_dir, run.last_saved)
             losses.append(loss.item())
             optimizer_step(loss, opt, scaler)
-        train_logits = _logits(run, image_features(run, "train"))
-        _end_epoch(run, epoch, _parameters(run), _momentum(opt, params), _diagnostics(p, train_logits, {}, run.loss_fn),
-                   losses, scaler, t_epoch, None, snapshot, restore)
+        train_logits = _logits(run.model, image_features(run, "train"))
+        extra = {}
+        for j in range(1, len(models)):
+            extra[f"ctx_{j}"], extra[f"momentum_{j}"] = model_vector(models[j]), _momentum(opt, params[j])
+        _end_epoch(run, epoch, _parameters(run), _momentum(opt, params[0]),
+                   _diagnostics(p, train_logits, {}, run.loss_fn), losses, scaler, t_epoch, extra, snapshot, restore)
         bar.set_postfix(loss=f"{np.mean(losses):.4f}")
     bar.close()
-    model.eval()
+    for m in models:
+        m.eval()
     train_seconds = time.perf_counter() - t_train
     _finish(run, train_seconds, 1, None, evaluate_model(run))
 
@@ -135,12 +180,12 @@ def _fit_model(run: _Run) -> None:
 def evaluate_model(run: _Run) -> dict:
     """The finished run's metrics (as `dspt.loop.evaluate` for CoOp) from its learner's own predictions."""
     p = run.p
-    test = image_features(run, "test")
-    test_logits = _logits(run, test)
-    train_pred = _logits(run, image_features(run, "train")).argmax(-1).cpu().numpy()
-    val_pred = _logits(run, image_features(run, "val")).argmax(-1).cpu().numpy() if p.val is not None else None
+    model = run.model
+    test_logits = _logits(model, image_features(run, "test"))
+    train_pred = _logits(model, image_features(run, "train")).argmax(-1).cpu().numpy()
+    val_pred = _logits(model, image_features(run, "val")).argmax(-1).cpu().numpy() if p.val is not None else None
     out = evaluation(p, test_logits.argmax(-1).cpu().numpy(), train_pred, val_pred, run.zs_pred)
-    anchor = torch.nn.functional.normalize(p.train_feats[0].float().mean(0, keepdim=True), dim=-1)
+    anchor = _anchor(run)
     drift = float((_parameters(run) - run.ctx0).norm() / max(run.ctx0.norm().item(), 1e-12))
     confidence = float(test_logits.float().softmax(-1).max(-1).values.mean()) if len(test_logits) else float("nan")
     return out | {"text_cosine": {"init": run.init_cos, "final": mean_pairwise_cosine(run.model.class_features(anchor))},

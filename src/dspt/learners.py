@@ -30,6 +30,7 @@ class Learner:
     cached_features: ClassVar[bool] = True  # trains on the frozen image tower's cached features
     batches: ClassVar[bool] = True  # several runs train as one model (text-only learners)
     methods: ClassVar[tuple[str, ...] | None] = None  # the methods it trains with (None: every method)
+    why_not: ClassVar[str] = ""  # why the other methods do not train it
     options: ClassVar[dict[str, Any]] = {}  # option -> default (each from the paper's config, see the class)
     layout: ClassVar[str] = "any"  # its text context: "any" of CoOp's, "shared-end" (one, before the name), "none"
     module: ClassVar[str | None] = None  # its model class in dspt.learner_models (None: CoOp's PromptLearner)
@@ -70,9 +71,8 @@ class Learner:
     @classmethod
     def check_method(cls, method: str) -> None:
         if cls.methods is not None and method not in cls.methods:
-            raise ConfigError(f"method '{method}' does not train with learner '{cls.name}' in dspt: its methods read "
-                              f"the cached features of a text-only prompt; use --method "
-                              f"{' / '.join(cls.methods)} with it, or a text-only learner (coop, kgcoop)")
+            raise ConfigError(f"method '{method}' does not train learner '{cls.name}' ({cls.why_not}); use --method "
+                              f"{' / '.join(cls.methods)} with it, or learner coop or kgcoop with '{method}'")
 
     @classmethod
     def cost(cls) -> str:
@@ -126,7 +126,9 @@ class CoCoOp(Learner):
     paper = "Zhou et al., Conditional Prompt Learning for Vision-Language Models, CVPR 2022"
     towers = "text"
     batches = False
-    methods = ("plain",)
+    methods = ("plain", "joapr", "coteaching")
+    why_not = ("NLPrompt's transport needs one set of class features, and CoCoOp's differ per image; dualprompt "
+               "pairs CoOp prompts")
     # CoCoOp's configs/trainers/CoCoOp/vit_b16_c4_ep10_batch1_ctxv1.yaml: 4 context tokens from "a photo of a",
     # lr 0.002, 10 epochs, batch 1; meta-net Linear(E, E // 16) - ReLU - Linear(E // 16, D) (trainers/cocoop.py)
     options = {"reduction": 16}
@@ -143,13 +145,14 @@ class CoCoOp(Learner):
 
 
 class _ImageSide(Learner):
+    methods = ("plain", "nlprompt", "coteaching")
+    why_not = "JoAPR mixes cached image features, and these learners see images; dualprompt pairs CoOp prompts"
     schedule = {"epochs": 5, "batch_size": 4}  # the VPT and MaPLe configs: *_ep5_batch4_*.yaml
     module = "VPTModel"
     layout = "none"
     towers = "image"
     cached_features = False
     batches = False
-    methods = ("plain",)
 
     @classmethod
     def check_values(cls, options: dict[str, Any]) -> None:

@@ -132,6 +132,7 @@ class _Run:
     insample: torch.Tensor | None = None  # [N] float64: p(given label) of each training image, summed over epochs
     insample_epochs: int = 0  # how many epochs `insample` sums (a checkpoint from before it existed: fewer)
     model: TunedModel | None = None  # the module of a learner beyond CoOp's context (CoCoOp, VPT, MaPLe)
+    models: list[TunedModel] = field(default_factory=list)  # its method's learners (co-teaching: 2); 0 is `model`
     kg_reference: torch.Tensor | None = None  # KgCoOp: the hand-crafted prompt's class features [C, E]
 
 
@@ -162,8 +163,11 @@ def _setup(run: _Run, shared: dict[str, Any]) -> None:
     spec = get_learner(cfg.learner)
     run.method = get_method(cfg.method, run.loss_fn, p.train.num_classes, len(p.train), **cfg.method_options)
     if spec.module:  # a learner with its own module (CoCoOp, VPT, MaPLe): trains alone (`dspt.learner_loop`)
-        run.model = build_model(cfg.learner, p.backbone, p.train.classnames, cfg.learner_options, cfg.template,
-                                cfg.n_ctx, cfg.ctx_init, seed=p.seeds["init"], chunk=step_budget(cfg, dev))
+        run.models = [build_model(cfg.learner, p.backbone, p.train.classnames, cfg.learner_options, cfg.template,
+                                  cfg.n_ctx, cfg.ctx_init, chunk=step_budget(cfg, dev),
+                                  seed=p.seeds["init"] if j == 0 else learner_seed(p.seeds["init"], j))
+                      for j in range(run.method.learners)]
+        run.model = run.models[0]
         run.learner = getattr(run.model, "prompt", None)
     else:
         run.learner = PromptLearner(p.backbone, p.train.classnames, cfg.n_ctx, cfg.ctx_init, cfg.csc,
@@ -188,7 +192,8 @@ def _setup(run: _Run, shared: dict[str, Any]) -> None:
         log.warning("checkpoint in %s does not fit this prompt (shape %s); starting from epoch 0", run_dir,
                     tuple(ckpt["ctx"].shape))
         ckpt = None
-    if ckpt is not None and any(f"ctx_{j}" not in ckpt["extra"] for j in range(1, len(run.learners))):
+    slots = len(run.models) or len(run.learners)  # the method's learners: CoOp prompts or a learner's modules
+    if ckpt is not None and any(f"ctx_{j}" not in ckpt["extra"] for j in range(1, slots)):
         log.warning("checkpoint in %s lacks the method's other learners; starting from epoch 0", run_dir)
         ckpt = None
     if ckpt is not None:
@@ -196,6 +201,8 @@ def _setup(run: _Run, shared: dict[str, Any]) -> None:
             _set_parameters(run, ckpt["ctx"].to(dev))
             for j in range(1, len(run.learners)):
                 run.learners[j].ctx.copy_(ckpt["extra"][f"ctx_{j}"].to(dev))
+            for j in range(1, len(run.models)):
+                set_model_vector(run.models[j], ckpt["extra"][f"ctx_{j}"])
         run.start = ckpt["epoch"] + 1
         log.info("resuming %s at epoch %d/%d", run_dir, run.start + 1, cfg.epochs)
     run.checkpoint, run.last_saved = ckpt, run.start - 1
@@ -218,9 +225,7 @@ def _setup(run: _Run, shared: dict[str, Any]) -> None:
 def _parameters(run: _Run) -> torch.Tensor:
     """The run's trained parameters as one vector: CoOp's context, or every parameter of a learner's module
     (what the checkpoint stores as `ctx` and what the context drift is measured on)."""
-    if run.model is None:
-        return run.learner.ctx
-    return torch.nn.utils.parameters_to_vector(list(run.model.trainable().values()))
+    return run.learner.ctx if run.model is None else model_vector(run.model)
 
 
 @torch.no_grad()
@@ -228,7 +233,23 @@ def _set_parameters(run: _Run, vector: torch.Tensor) -> None:
     if run.model is None:
         run.learner.ctx.copy_(vector)
     else:
-        torch.nn.utils.vector_to_parameters(vector, list(run.model.trainable().values()))
+        set_model_vector(run.model, vector)
+
+
+def model_vector(model: TunedModel) -> torch.Tensor:
+    """A learner module's parameters as one vector (a copy: write back with `set_model_vector`)."""
+    return torch.nn.utils.parameters_to_vector(list(model.trainable().values()))
+
+
+@torch.no_grad()
+def set_model_vector(model: TunedModel, vector: torch.Tensor) -> None:
+    """Copy `vector` into the module's parameters in place. (torch's vector_to_parameters rebinds each parameter
+    to a view of the vector: same values, but unaligned storage, on which the CPU's matrix kernels round
+    differently, so a resumed run would drift from an uninterrupted one.)"""
+    at = 0
+    for q in model.trainable().values():
+        q.copy_(vector[at:at + q.numel()].view_as(q))
+        at += q.numel()
 
 
 def _class_features(run: _Run) -> torch.Tensor:
