@@ -3,13 +3,15 @@ and gradients), only the learner's own parameters train, the registry's one-line
 
 The independent computations run open_clip's own `Transformer.forward` (not dspt's block loop) and put the deep
 prompts in with forward pre-hooks on its blocks, at full context length (no truncation, no shared prefix)."""
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from dspt.backbone import load_backbone
 from dspt.errors import BackboneError, ConfigError
-from dspt.learner_models import CoCoOpModel, MaPLeModel, VPTModel, kg_penalty
+from dspt.learner_models import CoCoOpModel, MaPLeModel, PromptSRCModel, VPTModel, kg_penalty
 from dspt.prompt import text_parts
 from dspt.prompted_towers import prompted_image_features
 
@@ -169,28 +171,70 @@ def test_cocoop_equals_per_image_full_length_prompts(bb64):
     assert (ours[0] - ours[1]).abs().max() > 1e-6
 
 
-@pytest.mark.parametrize("name", ["cocoop", "vpt", "vpt-deep", "maple"])
+SRC = {"depth": 3, "length": 2, "text_weight": 25.0, "image_weight": 10.0, "gpa_mean": 15.0, "gpa_std": 1.0}
+
+
+def test_promptsrc_forward_and_penalty_equal_independent_computations(bb64, pixels):
+    model = PromptSRCModel(bb64, CLASSES, SRC, TEMPLATE, n_ctx=2, ctx_init=None, seed=5).double()
+    prompt = model.prompt
+    assert len(model.deep) == 2 and len(model.vision) == 3
+    from dspt.prompted_towers import deep_text_features
+
+    length = prompt.max_eos + 1
+    text = deep_text_features(text_parts(bb64.model), prompt(length), prompt.eos, list(model.deep), length)
+    text_ref = reference_text(bb64.model, prompt(), prompt.eos, list(model.deep))
+    torch.testing.assert_close(text, text_ref, rtol=0, atol=1e-10)
+    image = prompted_image_features(bb64.model.visual, pixels, list(model.vision))
+    image_ref = reference_image(bb64.model.visual, pixels, list(model.vision))
+    torch.testing.assert_close(image, image_ref, rtol=0, atol=1e-10)
+    params = [prompt.ctx, model.deep[1], model.vision[2]]
+    for a, b in zip(_grads(image @ text.t(), params), _grads(image_ref @ text_ref.t(), params)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+    # the penalty, against its formula in float64: 25 mean|t - t0| + 10 mean|i - i0| + KL(p0 || p) summed / (B C)
+    model.train()
+    with torch.enable_grad():
+        logits = model.logits(pixels)
+        pen = model.penalty()
+    t, i = F.normalize(text_ref, dim=-1), F.normalize(image_ref, dim=-1)
+    t0 = F.normalize(bb64.model.encode_text(bb64.tokenizer([TEMPLATE.format(c) for c in CLASSES])), dim=-1)
+    i0 = F.normalize(bb64.model.encode_image(pixels), dim=-1)
+    scale = float(bb64.logit_scale)
+    p, p0 = (scale * i @ t.t()).softmax(-1), (scale * i0 @ t0.t()).softmax(-1)
+    kl = (p0 * (p0.log() - p.log())).sum() / p.numel()
+    expected = 25 * (t - t0).abs().mean() + 10 * (i - i0).abs().mean() + kl
+    torch.testing.assert_close(logits.double(), scale * i @ t.t(), rtol=0, atol=1e-4)
+    assert float(pen.detach()) == pytest.approx(float(expected), rel=1e-5)
+    assert model.penalty is not None and model._step is None  # used once per step
+    weights = model.aggregate_weights(20)  # PromptSRC's 20 epochs: N(15, 1)
+    assert sum(weights) == pytest.approx(1.0) and max(range(20), key=weights.__getitem__) == 14
+    assert weights[14] == pytest.approx(1 / sum(math.exp(-0.5 * (e - 15) ** 2) for e in range(1, 21)))
+
+
+@pytest.mark.parametrize("name", ["cocoop", "vpt", "vpt-deep", "maple", "promptsrc"])
 def test_only_the_learners_parameters_train_and_the_backbone_stays_bit_identical(name):
     from dspt.learner_models import build_model
 
     bb = load_backbone("dspt-tiny", None, init_seed=0)
     before = {k: v.clone() for k, v in bb.model.state_dict().items()}
     options = {"cocoop": {"reduction": 16}, "vpt": {"length": 2, "depth": 1}, "vpt-deep": {"length": 2, "depth": 0},
-               "maple": {"depth": 2}}[name]
+               "maple": {"depth": 2}, "promptsrc": dict(SRC, depth=2)}[name]
     model = build_model(name, bb, CLASSES, options, TEMPLATE, n_ctx=2, ctx_init=None, seed=0)
     own = model.trainable()
     expected = {"cocoop": {"prompt.ctx", "meta_net.0.weight", "meta_net.0.bias", "meta_net.2.weight",
                            "meta_net.2.bias"},
                 "vpt": {"prompts.0"}, "vpt-deep": {f"prompts.{i}" for i in range(4)},
                 "maple": {"prompt.ctx", "proj.weight", "proj.bias", "deep.0", "deep_proj.0.weight",
-                          "deep_proj.0.bias"}}[name]
+                          "deep_proj.0.bias"},
+                "promptsrc": {"prompt.ctx", "deep.0", "vision.0", "vision.1"}}[name]
     assert set(own) == expected
     x = torch.randn(4, 3, 32, 32) if model.image_input == "pixels" else F.normalize(torch.randn(4, 128), dim=-1)
     opt = torch.optim.SGD(list(own.values()), lr=0.5, momentum=0.9)
     start = {k: v.detach().clone() for k, v in own.items()}
     for _ in range(2):
         opt.zero_grad()
-        F.cross_entropy(model.logits(x), torch.tensor([0, 1, 2, 0])).backward()
+        loss = F.cross_entropy(model.logits(x), torch.tensor([0, 1, 2, 0]))
+        extra = model.penalty()
+        (loss if extra is None else loss + extra).backward()
         opt.step()
     assert all(not torch.equal(start[k], v) for k, v in own.items()), "every parameter of the learner trains"
     assert all(p.grad is None for p in bb.model.parameters())
@@ -231,7 +275,7 @@ def test_registry_options_and_pairings():
     from dspt.config import RunConfig
     from dspt.learners import LEARNERS, get_learner
 
-    assert list(LEARNERS) == ["coop", "kgcoop", "cocoop", "vpt", "vpt-deep", "maple"]
+    assert list(LEARNERS) == ["coop", "kgcoop", "cocoop", "vpt", "vpt-deep", "maple", "promptsrc"]
     with pytest.raises(ConfigError, match="unknown learner 'coopp'; choose one of: coop, kgcoop"):
         get_learner("coopp")
     base = dict(data="/x", model="dspt-tiny", pretrained=None)

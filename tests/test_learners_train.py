@@ -14,8 +14,9 @@ from dspt.cli import main
 from dspt.io import read_jsonl
 from imagefolders import make_split_folders
 
-MODULE_LEARNERS = ["cocoop", "vpt", "vpt-deep", "maple"]
-OPTIONS = {"maple": ["--learner-opt", "depth=2"], "vpt": ["--learner-opt", "length=4"]}
+MODULE_LEARNERS = ["cocoop", "vpt", "vpt-deep", "maple", "promptsrc"]
+OPTIONS = {"maple": ["--learner-opt", "depth=2"], "vpt": ["--learner-opt", "length=4"],
+           "promptsrc": ["--learner-opt", "depth=2", "--learner-opt", "gpa_mean=2"]}
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +65,7 @@ def test_learner_run_round_trips_through_its_prompt_file(data, tmp_path, learner
         assert not (tmp_path / "c.safetensors").exists()
 
 
-@pytest.mark.parametrize("learner", ["cocoop", "vpt"])
+@pytest.mark.parametrize("learner", ["cocoop", "vpt", "promptsrc"])
 def test_crash_then_resume_ends_with_the_numbers_of_an_uninterrupted_run(data, tmp_path, learner):
     assert _train(data, tmp_path / "whole", tmp_path / "cache", learner) == 0
     with crash_before_checkpoint(1), pytest.raises(Crash):
@@ -107,6 +108,30 @@ def test_methods_train_the_module_learners_and_resume(data, tmp_path, learner, m
         assert not torch.equal(ckpt["extra"]["ctx_1"], ckpt["ctx"])
 
 
+def test_promptsrc_final_prompt_is_the_gaussian_average_of_the_epochs(data, tmp_path, monkeypatch):
+    import dspt.learner_loop as learner_loop
+
+    seen = []
+    original = learner_loop._end_epoch
+
+    def record(run, epoch, ctx, *args, **kwargs):
+        seen.append(ctx.detach().clone())
+        return original(run, epoch, ctx, *args, **kwargs)
+
+    monkeypatch.setattr(learner_loop, "_end_epoch", record)
+    assert _train(data, tmp_path / "run", tmp_path / "cache", "promptsrc") == 0
+    w = np.exp(-0.5 * (np.arange(1, 4) - 2.0) ** 2)
+    w /= w.sum()
+    expected = sum(float(wi) * v for wi, v in zip(w, seen))
+    saved = load_file(str(tmp_path / "run" / "prompt.safetensors"))
+    from dspt.prompt_file import load_prompt
+
+    got = torch.cat([t.reshape(-1) for t in load_prompt(tmp_path / "run").trainable().values()]).detach()
+    assert len(seen) == 3 and set(saved) == {"prompt.ctx", "deep.0", "vision.0", "vision.1"}
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    assert (got - seen[-1]).abs().max() > 1e-4  # the average, not the last epoch
+
+
 def test_kgcoop_at_weight_zero_is_coop_and_its_penalty_keeps_the_prompt_near_the_template(data, tmp_path):
     from dspt.learner_models import kg_penalty
     from dspt.prepare import zeroshot_text_features
@@ -137,11 +162,11 @@ def miniature(tmp_path_factory):
     return pretrained_miniature(0, tmp_path_factory.mktemp("mini"), progress=False, pretrain_epochs=4)
 
 
-@pytest.mark.parametrize("learner", ["coop", "kgcoop", "cocoop", "vpt", "vpt-deep", "maple"])
+@pytest.mark.parametrize("learner", ["coop", "kgcoop", "cocoop", "vpt", "vpt-deep", "maple", "promptsrc"])
 def test_every_learner_learns_above_zero_shot_on_clean_labels(miniature, tmp_path, learner):
     """20 epochs at batch 32 and each learner's paper rate; CoCoOp on its paper's schedule (10 epochs of batch 1:
     at batch 32 its 100 steps leave it below zero-shot here)."""
-    options = {"maple": ["--learner-opt", "depth=3"]}.get(learner, [])
+    options = {"maple": ["--learner-opt", "depth=3"], "promptsrc": ["--learner-opt", "depth=3"]}.get(learner, [])
     schedule = ["--epochs", "10", "--batch-size", "1"] if learner == "cocoop" else ["--epochs", "20"]
     assert main(["train", "--data", str(miniature["tune"] / "train"), "--test-data", str(miniature["test"]),
                  "--model", "dspt-tiny", "--checkpoint", str(miniature["checkpoint"]), "--shots", "16",

@@ -50,12 +50,37 @@ def setting(cfg) -> tuple:
 # --------------------------------------------------------------------------------------------- the presets
 
 def test_the_presets_are_shipped():
-    assert set(PRESETS) == {"joapr", "joapr-vitb16", "ptnl", "ptnl-vitb16"}
+    assert set(PRESETS) == {"joapr", "joapr-vitb16", "ptnl", "ptnl-vitb16", "learners"}
     for preset in PRESETS.values():
         assert preset.description and "\n" not in preset.description and preset.source
 
 
-@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_learners_preset_is_every_learner_on_its_papers_schedule(tmp_path, monkeypatch):
+    """Written out independently of dspt.presets and dspt.learners: the papers' epochs, batch sizes, rates."""
+    monkeypatch.delenv("DSPT_DATA", raising=False)
+    schedule = {"coop": (200, 32, 0.002), "kgcoop": (100, 128, 0.002), "cocoop": (10, 1, 0.002),
+                "vpt": (5, 4, 0.0025), "vpt-deep": (5, 4, 0.0025), "maple": (5, 4, 0.0035),
+                "promptsrc": (20, 4, 0.0025)}
+    cells = expand(preset_spec("learners", root=str(tmp_path / "not-there")))
+    rates = {fp / 16 for fp in FPS}
+    assert len(cells) == len(schedule) * len(COOP_10) * len(rates) * 3 * 3 == count_runs(preset_spec("learners"))
+    seen = set()
+    for cell in cells:
+        cfg = cell.config
+        assert (cfg.model, cfg.pretrained, cfg.shots, cfg.noise) == ("ViT-B-16", "openai", 16, "sym")
+        assert cfg.method == "plain"
+        assert cfg.noise_rate in rates and cfg.dataset in COOP_10 and cfg.seed in (1, 2, 3)
+        assert (cfg.epochs, cfg.batch_size) == schedule[cfg.learner][:2] and cfg.lr is None
+        seen.add((cfg.learner, cfg.loss))
+    assert seen == {(learner, loss) for learner in schedule for loss in ("ce", "dspt", "mae")}
+    from dspt.loop import resolve_lr
+
+    for learner, (_, _, lr) in schedule.items():  # CE at the paper's rate
+        cfg = next(c.config for c in cells if c.config.learner == learner and c.config.loss == "ce")
+        assert resolve_lr(cfg, 10) == pytest.approx(lr)
+
+
+@pytest.mark.parametrize("name", sorted(set(PRESETS) - {"learners"}))
 def test_every_preset_expands_to_its_formula_with_valid_configs(name, tmp_path, monkeypatch):
     monkeypatch.delenv("DSPT_DATA", raising=False)
     want = expected(name)

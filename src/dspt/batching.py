@@ -33,8 +33,8 @@ def batch_key(cfg: RunConfig) -> tuple:
     device), same classes and prompt layout, same minibatch schedule (shots, batch size, epochs) and the
     fast path. Losses, learning rates, momentum, weight decay, noise, seeds and views may differ. fp16 (its
     loss scaler skips a step for every run at once), the reference path (it encodes images per step) and the
-    learners with their own module (CoCoOp, VPT, MaPLe: `dspt.learner_loop`) train alone: their key is unique to
-    the run. CoOp and KgCoOp runs batch together (KgCoOp's penalty is per run)."""
+    learners with their own module (CoCoOp, VPT, MaPLe, PromptSRC: `dspt.learner_loop`) train alone: their key is
+    unique to the run. CoOp and KgCoOp runs batch together (KgCoOp's penalty is per run)."""
     if cfg.precision == "fp16" or cfg.path != "fast" or not get_learner(cfg.learner).batches:
         return ("alone", str(Path(cfg.output).resolve()))
     return (cfg.model, cfg.pretrained, cfg.checkpoint, cfg.precision, cfg.device, cfg.dataset, cfg.data, cfg.root,

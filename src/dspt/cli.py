@@ -96,7 +96,7 @@ def add_run_options(p: argparse.ArgumentParser, defaults: RunConfig | None = Non
                    "chunks that fit (default: 80%% of the free GPU memory, or half the available RAM)")
     g = p.add_argument_group("prompt")
     g.add_argument("--learner", default=d.learner, help="which parameters are tuned: coop (default), kgcoop, cocoop, "
-                   "vpt, vpt-deep, maple (`dspt learners` lists them and what a step costs)")
+                   "vpt, vpt-deep, maple, promptsrc (`dspt learners` lists them and what a step costs)")
     g.add_argument("--learner-opt", action="append", metavar="NAME=VALUE",
                    help="learner hyperparameter (depth, length, weight, ...), repeatable")
     g.add_argument("--n-ctx", type=int, default=d.n_ctx,

@@ -379,7 +379,7 @@ class RunConfig:
         if spec.layout == "shared-end" and (self.csc or self.class_token_position != "end"):
             raise ConfigError(f"learner '{self.learner}' learns one context shared by all classes, before the class "
                               "name; drop --csc and --class-token-position")
-        if spec.module and spec.towers != "text":  # VPT, MaPLe: the model's config must have a ViT deep enough
+        if spec.module and spec.towers != "text":  # VPT, MaPLe, PromptSRC: a ViT deep enough
             from .prompted_towers import check_tower_config
 
             try:

@@ -380,7 +380,7 @@ def export_run(run_dir: str | os.PathLike, out_file: str | os.PathLike, format: 
     if out.is_dir():
         raise ConfigError(f"output '{out}' is a folder; give a file name, e.g. {out / 'classifier.safetensors'}")
     clf = load_prompt(run_dir, device=device, checkpoint=checkpoint)
-    if not hasattr(clf, "learner"):  # CoCoOp, VPT, MaPLe: no one set of class features, or a prompted image tower
+    if not hasattr(clf, "learner"):  # CoCoOp, VPT, MaPLe, PromptSRC: image-conditioned classes, or a prompted tower
         raise ConfigError(f"run '{run_dir}' trained learner '{clf.learner_name}': dspt export writes CoOp-style "
                           "classifiers (fixed class features on the frozen image tower) only; use `dspt predict` "
                           "on the run folder")

@@ -1,4 +1,4 @@
-"""The training loop of a learner with its own module (CoCoOp, VPT, MaPLe): one run at a time.
+"""The training loop of a learner with its own module (CoCoOp, VPT, MaPLe, PromptSRC): one run at a time.
 
 CoOp's loop (`dspt.loop._fit`) trains many runs' contexts as one batched parameter on cached features. The
 learners here own several parameter tensors, and the image-side ones run the image tower on every step's images
@@ -125,6 +125,12 @@ def _fit_model(run: _Run) -> None:
 
     if cfg.collapse_guard:
         run.healthy = snapshot()
+    # PromptSRC: the final prompt is a weighted average of the epochs' prompts (its running sum is checkpointed)
+    weights = run.model.aggregate_weights(cfg.epochs)
+    average = None
+    if weights is not None:
+        average = [ckpt["extra"][f"gpa_{j}"].to(dev) if ckpt is not None and f"gpa_{j}" in ckpt["extra"]
+                   else torch.zeros_like(model_vector(m)) for j, m in enumerate(models)]
     plain = type(method) is Method
     pixels = _ReferenceBatches(p) if run.model.image_input == "pixels" else None
     given = torch.as_tensor(p.labels.given, device=dev)
@@ -154,9 +160,14 @@ def _fit_model(run: _Run) -> None:
             x, y = x.to(dev), given[idx.to(dev)]
             if plain:
                 loss = run.loss_fn(run.model.logits(x), y)
+                used = [run.model]
             else:
                 x = method.inputs(x, idx, mgen)
                 loss = method.loss(torch.stack([m.logits(x) for m in models]), idx.to(dev), y)
+                used = models
+            for m in used:  # a learner's own regularisation of this step (PromptSRC)
+                extra_term = m.penalty()
+                loss = loss if extra_term is None else loss + extra_term
             if not torch.isfinite(loss):
                 raise _diverged(f"non-finite loss ({loss.item()}) at epoch {epoch + 1} step {s + 1}", cfg,
                                 run.run_dir, run.last_saved)
@@ -166,12 +177,19 @@ def _fit_model(run: _Run) -> None:
         extra = {}
         for j in range(1, len(models)):
             extra[f"ctx_{j}"], extra[f"momentum_{j}"] = model_vector(models[j]), _momentum(opt, params[j])
+        if average is not None:
+            for j, m in enumerate(models):
+                average[j] = average[j] + weights[epoch] * model_vector(m).detach()
+                extra[f"gpa_{j}"] = average[j]
         _end_epoch(run, epoch, _parameters(run), _momentum(opt, params[0]),
                    _diagnostics(p, train_logits, {}, run.loss_fn), losses, scaler, t_epoch, extra, snapshot, restore)
         bar.set_postfix(loss=f"{np.mean(losses):.4f}")
     bar.close()
     for m in models:
         m.eval()
+    if average is not None:  # the aggregate is the run's prompt from here on (evaluated, saved)
+        for m, vector in zip(models, average):
+            set_model_vector(m, vector)
     train_seconds = time.perf_counter() - t_train
     _finish(run, train_seconds, 1, None, evaluate_model(run))
 
@@ -188,5 +206,6 @@ def evaluate_model(run: _Run) -> dict:
     anchor = _anchor(run)
     drift = float((_parameters(run) - run.ctx0).norm() / max(run.ctx0.norm().item(), 1e-12))
     confidence = float(test_logits.float().softmax(-1).max(-1).values.mean()) if len(test_logits) else float("nan")
-    return out | {"text_cosine": {"init": run.init_cos, "final": mean_pairwise_cosine(run.model.class_features(anchor))},
+    final_cos = mean_pairwise_cosine(run.model.class_features(anchor))
+    return out | {"text_cosine": {"init": run.init_cos, "final": final_cos},
                   "test_confidence": confidence, "ctx_drift": drift, "learner": run.cfg.learner}

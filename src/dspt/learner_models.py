@@ -2,7 +2,7 @@
 their registry entries and defaults).
 
 Each model holds only its own parameters (the backbone is kept outside its state) and maps a step's inputs to
-logits: cached image features for CoCoOp, pixels for the image-side learners (VPT, MaPLe). KgCoOp is CoOp's
+logits: cached image features for CoCoOp, pixels for the image-side learners (VPT, MaPLe, PromptSRC). KgCoOp is CoOp's
 prompt plus a penalty and trains in CoOp's batched loop (`kg_penalty`).
 """
 from __future__ import annotations
@@ -67,6 +67,15 @@ class TunedModel(nn.Module):
     def class_features(self, anchor: torch.Tensor) -> torch.Tensor:
         """[C, E] normalised class features (an image-conditioned learner: those of the image `anchor` [1, E])."""
         return self.text_features()
+
+    def penalty(self) -> torch.Tensor | None:
+        """A learner's own regularisation of the last training step (PromptSRC), added to the run's loss."""
+        return None
+
+    def aggregate_weights(self, epochs: int) -> list[float] | None:
+        """Per-epoch weights whose weighted average of the epochs' parameters is the final prompt (PromptSRC's
+        Gaussian aggregation); None: the last epoch's parameters."""
+        return None
 
     def classify(self, image_features: torch.Tensor) -> torch.Tensor:
         """Logits [B, C] of normalised image features [B, E] (what `image_features` gives)."""
@@ -220,6 +229,86 @@ class MaPLeModel(TunedModel):
         return F.normalize(feats.float(), dim=-1)
 
 
+class PromptSRCModel(TunedModel):
+    """PromptSRC: independent deep prompts in both towers (CoOp's context and new text context before each of the
+    first `depth` text layers; `length` image tokens at the first `depth` image layers), regulated by the frozen
+    CLIP: `penalty()` adds text_weight x L1(text features, the template's) + image_weight x L1(image features,
+    the frozen tower's) + KL(frozen CLIP's class distribution || the prompted one) (sum / elements, as its code),
+    and the prompts of every epoch are averaged with Gaussian weights N(gpa_mean, gpa_std) over epochs 1..E
+    (`aggregate_weights`), the average being the final prompt."""
+
+    learner_name = "promptsrc"
+    image_input = "pixels"
+
+    def __init__(self, backbone: Backbone, classnames: list[str], options: dict[str, Any], template: str,
+                 n_ctx: int, ctx_init: str | None, seed: int = 0):
+        super().__init__(backbone, classnames, options, template)
+        visual = image_tower(backbone, "promptsrc")
+        depth = _layer_count(int(options["depth"]), min(image_layers(backbone), text_layers(backbone)),
+                             "shorter tower", "promptsrc")
+        self.prompt = PromptLearner(backbone, classnames, n_ctx, ctx_init, False, "end", seed=seed)
+        width_t, width_v = self.prompt.ctx.shape[-1], visual.conv1.out_channels
+        dev = backbone.device
+        self.deep = nn.ParameterList([nn.Parameter(_seeded_normal((self.prompt.n_ctx, width_t), seed + 1 + i)
+                                                   .to(dev)) for i in range(depth - 1)])
+        self.vision = nn.ParameterList([nn.Parameter(_seeded_normal((int(options["length"]), width_v),
+                                                                    seed + 101 + i).to(dev)) for i in range(depth)])
+        from .prepare import zeroshot_text_features
+
+        self.register_buffer("frozen_text", zeroshot_text_features(backbone, self.classnames, template),
+                             persistent=False)
+        self.causal = TextEncoder(backbone).causal
+        self._step: tuple[torch.Tensor, ...] | None = None
+
+    def meta(self) -> dict[str, Any]:
+        return super().meta() | {"n_ctx": self.prompt.n_ctx, "ctx_init": self.prompt.ctx_init}
+
+    def text_features(self) -> torch.Tensor:
+        prompt = self.prompt
+        length = prompt.max_eos + 1 if self.causal else prompt.context_length
+        with self.autocast():
+            feats = deep_text_features(text_parts(self.backbone.model), prompt(length), prompt.eos, list(self.deep),
+                                       length)
+        return F.normalize(feats.float(), dim=-1)
+
+    def image_features(self, x: torch.Tensor) -> torch.Tensor:
+        with self.autocast():
+            feats = prompted_image_features(self.backbone.model.visual, x.to(self.backbone.device), list(self.vision))
+        return F.normalize(feats.float(), dim=-1)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        image, text = self.image_features(x), self.text_features()
+        if self.training and torch.is_grad_enabled():  # what penalty() regulates: this step's features
+            self._step = (x, image, text)
+        return self.backbone.logit_scale * image @ text.t()
+
+    def penalty(self) -> torch.Tensor:
+        """The self-regulating terms of the last training step's `logits` (PromptSRC's trainers/promptsrc.py)."""
+        if self._step is None:
+            raise RuntimeError("promptsrc: penalty() before a training step's logits()")
+        x, image, text = self._step
+        self._step = None
+        frozen_image = self.backbone.encode_images(x).float()  # the frozen tower's features of the same images
+        frozen_text, scale = self.frozen_text.float(), self.backbone.logit_scale.float()
+        logits = scale * image @ text.t()
+        frozen_logits = scale * frozen_image @ frozen_text.t()
+        kl = F.kl_div(F.log_softmax(logits, -1), F.log_softmax(frozen_logits, -1), reduction="sum",
+                      log_target=True) / logits.numel()
+        return (self.options["text_weight"] * F.l1_loss(text, frozen_text)
+                + self.options["image_weight"] * F.l1_loss(image, frozen_image) + kl)
+
+    def aggregate_weights(self, epochs: int) -> list[float]:
+        """Gaussian prompt aggregation: epoch e's (1-based) weight, N(e; gpa_mean, gpa_std) normalised over 1..E."""
+        import math
+
+        mean, std = self.options["gpa_mean"], self.options["gpa_std"]
+        dens = [math.exp(-0.5 * ((e - mean) / std) ** 2) for e in range(1, epochs + 1)]
+        total = sum(dens)
+        if total == 0.0:  # every epoch far from the mean: the last one carries the average
+            return [0.0] * (epochs - 1) + [1.0]
+        return [d / total for d in dens]
+
+
 def build_model(name: str, backbone: Backbone, classnames: list[str], options: dict[str, Any], template: str,
                 n_ctx: int, ctx_init: str | None, seed: int = 0, chunk: int | RowBudget | None = None) -> TunedModel:
     """The module of a registered learner that is not CoOp's plain context (its spec's `module`; coop and kgcoop
@@ -231,6 +320,6 @@ def build_model(name: str, backbone: Backbone, classnames: list[str], options: d
         raise BackboneError(f"learner '{name}' has no module; please report this as a dspt bug")
     if kind is CoCoOpModel:
         return kind(backbone, classnames, options, template, n_ctx, ctx_init, seed, chunk)
-    if kind is MaPLeModel:
+    if kind in (MaPLeModel, PromptSRCModel):
         return kind(backbone, classnames, options, template, n_ctx, ctx_init, seed)
     return kind(backbone, classnames, options, template, seed, learner=name)

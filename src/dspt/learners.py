@@ -7,7 +7,7 @@ A prompt learner decides *which* parameters prompt tuning trains; the loss (`--l
   runs (one text-tower pass for many runs' prompts);
 - CoCoOp conditions its prompt on each image's *frozen* features, so the cache still applies, but the text
   tower runs once per (image, class) pair: it trains alone;
-- image-side learners (VPT, MaPLe) prompt the image tower: it runs, with gradients, on every step's images
+- image-side learners (VPT, MaPLe, PromptSRC) prompt the image tower: it runs, with gradients, on every step's images
   (loaded and augmented per step as CoOp does), so no feature cache applies and they train alone.
 
 Defaults come from each paper's released configuration; the source is written beside each.
@@ -34,7 +34,7 @@ class Learner:
     options: ClassVar[dict[str, Any]] = {}  # option -> default (each from the paper's config, see the class)
     layout: ClassVar[str] = "any"  # its text context: "any" of CoOp's, "shared-end" (one, before the name), "none"
     module: ClassVar[str | None] = None  # its model class in dspt.learner_models (None: CoOp's PromptLearner)
-    context: ClassVar[str | None] = None  # the paper's context phrase, used when neither --n-ctx nor --ctx-init is given
+    context: ClassVar[str | None] = None  # the paper's context phrase (when no --n-ctx or --ctx-init is given)
     lr: ClassVar[float] = 0.002  # the paper's SGD rate for CE (scaled like CoOp's for other losses)
     # the paper's epochs and batch size at 16 shots (the `learners` preset trains each learner on its own)
     schedule: ClassVar[dict[str, int]] = {"epochs": 200, "batch_size": 32}  # CoOp: configs/trainers/CoOp/*_ep200
@@ -205,6 +205,32 @@ class MaPLe(_ImageSide):
     def check_values(cls, options: dict[str, Any]) -> None:
         if options["depth"] < 1:
             raise ConfigError(f"learner option depth={options['depth']} is invalid; it must be >= 1 (layers)")
+
+
+@register_learner("promptsrc")
+class PromptSRC(_ImageSide):
+    summary = ("deep text and image prompts (independent) kept near the frozen CLIP: L1 on both features, KL to its "
+               "logits, and a Gaussian-weighted average of the epochs' prompts")
+    paper = "Khattak et al., Self-regulating Prompts: Foundational Model Adaptation without Forgetting, ICCV 2023"
+    towers = "both"
+    # PromptSRC's configs/trainers/PromptSRC/vit_b16_c2_ep20_batch4_4+4ctx.yaml: 4 text + 4 image tokens, depth 9
+    # in both towers, "a photo of a", lr 0.0025, 20 epochs, batch 4, TEXT_LOSS_WEIGHT 25, IMAGE_LOSS_WEIGHT 10,
+    # GPA_MEAN 15, GPA_STD 1 (epochs, 1-based); trainers/promptsrc.py for the losses
+    options = {"depth": 9, "length": 4, "text_weight": 25.0, "image_weight": 10.0, "gpa_mean": 15.0, "gpa_std": 1.0}
+    lr = 0.0025
+    schedule = {"epochs": 20, "batch_size": 4}
+    module = "PromptSRCModel"
+    layout = "shared-end"
+    context = "a photo of a"
+
+    @classmethod
+    def check_values(cls, options: dict[str, Any]) -> None:
+        super().check_values(options)
+        for key in ("text_weight", "image_weight"):
+            if not options[key] >= 0:
+                raise ConfigError(f"learner option {key}={options[key]} is invalid; it must be >= 0")
+        if not options["gpa_std"] > 0:
+            raise ConfigError(f"learner option gpa_std={options['gpa_std']} is invalid; it must be > 0 (epochs)")
 
 
 def learner_names() -> list[str]:

@@ -131,7 +131,7 @@ class _Run:
     healthy: dict[str, torch.Tensor] | None = None  # --collapse-guard: the prompt state after the last healthy epoch
     insample: torch.Tensor | None = None  # [N] float64: p(given label) of each training image, summed over epochs
     insample_epochs: int = 0  # how many epochs `insample` sums (a checkpoint from before it existed: fewer)
-    model: TunedModel | None = None  # the module of a learner beyond CoOp's context (CoCoOp, VPT, MaPLe)
+    model: TunedModel | None = None  # the module of a learner beyond CoOp's context (CoCoOp, VPT, MaPLe, PromptSRC)
     models: list[TunedModel] = field(default_factory=list)  # its method's learners (co-teaching: 2); 0 is `model`
     kg_reference: torch.Tensor | None = None  # KgCoOp: the hand-crafted prompt's class features [C, E]
 
@@ -375,7 +375,8 @@ def _fit(batch: list[_Run]) -> None:
                     loss = run.loss_fn(logits[slots[k][0]], y)
                 else:
                     loss = run.method.loss(logits[slots[k][0]:slots[k][-1] + 1], idx[k].to(dev), y)
-                if run.kg_reference is not None and run.cfg.learner_options["weight"]:  # KgCoOp: every prompt of the run stays near the hand-crafted one
+                # KgCoOp: every prompt of the run stays near the hand-crafted one
+                if run.kg_reference is not None and run.cfg.learner_options["weight"]:
                     weight = run.cfg.learner_options["weight"]
                     loss = loss + weight * sum(kg_penalty(text_all[slot], run.kg_reference) for slot in slots[k])
                 if not torch.isfinite(loss):
@@ -398,7 +399,8 @@ def _fit(batch: list[_Run]) -> None:
                 for j, slot in enumerate(slots[k][1:], start=1):
                     extra[f"ctx_{j}"], extra[f"momentum_{j}"] = model.ctx[slot], opt.buffer[slot]
                 _end_epoch(run, epoch, model.ctx[slots[k][0]], opt.buffer[slots[k][0]],
-                           _epoch_diagnostics(run.p, text[slots[k][0]], run.loss_fn), losses[k], scaler, t_epoch, extra, lambda: _prompt_state(model, opt, slots[k]),
+                           _epoch_diagnostics(run.p, text[slots[k][0]], run.loss_fn), losses[k], scaler, t_epoch,
+                           extra, lambda: _prompt_state(model, opt, slots[k]),
                            lambda state: _restore_prompt(model, opt, slots[k], state))
             except BaseException as exc:  # noqa: BLE001 - a run whose bookkeeping fails stops alone
                 _fail(run, exc)

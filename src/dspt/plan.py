@@ -271,6 +271,8 @@ def _time_model(cfg: RunConfig, shape: RunShape, backbone: Any, budget: RowBudge
         _sync(dev)
         t0 = time.perf_counter()
         loss = loss_fn(model.logits(x), labels)
+        extra_term = model.penalty()  # PromptSRC's regularisation (a frozen image-tower pass)
+        loss = loss if extra_term is None else loss + extra_term
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

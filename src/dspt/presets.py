@@ -339,11 +339,11 @@ LEARNERS_SOURCE = (
     "asked of every learner of `dspt learners` with CE, DSPT and MAE (PromptMAE, NLPrompt's loss for its noisy "
     "part). ViT-B/16 (openai): the image-side learners need a ViT. 16 shots, sym noise at NLPrompt's rates 12.5-75 % "
     "(2..12 of 16), seeds 1-3, the 10 CoOp datasets without ImageNet. Each learner trains on its own paper's "
-    "schedule (epochs and batch size: CoOp 200 / 32, KgCoOp 100 / 128, CoCoOp 10 / 1, VPT and MaPLe 5 / 4; "
-    "`dspt learners` names the config files) with its paper's context and options; the losses are compared "
+    "schedule (epochs and batch size: CoOp 200 / 32, KgCoOp 100 / 128, CoCoOp 10 / 1, VPT and MaPLe 5 / 4, "
+    "PromptSRC 20 / 4; `dspt learners` names the config files) with its paper's context and options; the losses are compared "
     "within a learner, never across schedules.")
-LEARNERS_LR_RULE = ("learning rate: each learner's paper rate for CE (CoOp, KgCoOp, CoCoOp 0.002, VPT 0.0025, MaPLe "
-                    "0.0035); DSPT and MAE at that rate scaled so their first step equals CE's (`dspt losses`), as "
+LEARNERS_LR_RULE = ("learning rate: each learner's paper rate for CE (CoOp, KgCoOp, CoCoOp 0.002, VPT and PromptSRC "
+                    "0.0025, MaPLe 0.0035); DSPT and MAE at that rate scaled so their first step equals CE's (`dspt losses`), as "
                     "no paper ran them in these learners. To choose rates on validation data instead: --set "
                     "lr=... and `dspt report`")
 
@@ -360,6 +360,7 @@ def learners_spec(model: str = "ViT-B-16") -> dict[str, Any]:
             "grids": grids}
 
 
-register_preset(Preset("learners", "every prompt learner (CoOp, KgCoOp, CoCoOp, VPT, MaPLe) x CE, DSPT, MAE: "
+register_preset(Preset("learners", "every prompt learner (CoOp, KgCoOp, CoCoOp, VPT, MaPLe, PromptSRC) x CE, DSPT, "
+                       "MAE: "
                        "ViT-B/16, 16 shots, sym noise 12.5-75 % on 10 CoOp datasets, each learner on its paper's "
                        "schedule; seeds 1-3", LEARNERS_SOURCE, learners_spec, LEARNERS_LR_RULE))

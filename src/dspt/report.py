@@ -39,7 +39,8 @@ from .results import read_results
 #: Columns a store must have for a report.
 REQUIRED = ["loss", "seed", "lr", "test_acc", "noise", "noise_rate"]
 #: Columns filled in where an older store lacks them.
-OPTIONAL = {"dataset": "data", "model": "?", "weights": "?", "learner": "coop", "shots": -1, "epochs": -1, "loss_options": "",
+OPTIONAL = {"dataset": "data", "model": "?", "weights": "?", "learner": "coop", "shots": -1, "epochs": -1,
+            "loss_options": "",
             "val_acc_given": math.nan, "val_acc": math.nan, "zeroshot_acc": math.nan, "memorised": math.nan,
             "train_seconds": math.nan, "run_id": "", "val_labels": "", "val_realised_rate": math.nan,
             "val_why": "", "collapsed_at_epoch": math.nan, "collapse_kind": ""}
