@@ -358,7 +358,7 @@ def plan_runs(cfgs: list[RunConfig], names: list[str] | None = None, batch_runs:
                b.shape.classes, b.shape.names[:1], len(b.shape.names), b.at_once * b.shape.learners, cfg.max_memory,
                cfg.learner, str(sorted(cfg.learner_options.items())), cfg.batch_size)
         if key not in timings:
-            echo(f"plan: timing {cfg.model} {cfg.precision} at {b.shape.classes} classes x "
+            echo(f"plan: timing {cfg.model} {cfg.learner} {cfg.precision} at {b.shape.classes} classes x "
                  f"{b.at_once * b.shape.learners} prompt(s) ...")
             try:
                 timings[key] = time_shape(cfg, b.shape, b.at_once, cfg.max_memory, steps)
@@ -413,17 +413,17 @@ def _duration(seconds: float) -> str:
 
 def format_plan(plan: Plan) -> str:
     """The plan as a table and a summary, for the terminal."""
-    head = f"{'runs':>5} {'at once':>7} {'model':<12} {'prec':<4} {'classes':>7} {'rows':>6} {'rows/chunk':>10} " \
-           f"{'peak GB':>7} {'step s':>7} {'steps':>7} {'time':>9}"
+    head = f"{'runs':>5} {'at once':>7} {'model':<12} {'learner':<9} {'prec':<4} {'classes':>7} {'rows':>6} " \
+           f"{'rows/chunk':>10} {'peak GB':>7} {'step s':>7} {'steps':>7} {'time':>9}"
     lines = [head, "-" * len(head)]
     for b in plan.batches:
         if b.timing is None:
-            lines.append(f"{len(b.names):>5} {b.at_once:>7} {b.cfg.model:<12} {b.cfg.precision:<4} "
+            lines.append(f"{len(b.names):>5} {b.at_once:>7} {b.cfg.model:<12} {b.cfg.learner:<9} {b.cfg.precision:<4} "
                          f"{b.shape.classes:>7} {b.rows:>6} {'-':>10} {'-':>7} {'-':>7} {b.steps:>7} {'-':>9}")
             continue
         chunk = b.timing.chunk_rows or "all"
-        lines.append(f"{len(b.names):>5} {b.at_once:>7} {b.cfg.model:<12} {b.cfg.precision:<4} {b.shape.classes:>7} "
-                     f"{b.rows:>6} {chunk!s:>10} {b.peak_bytes / GIB:>7.2f} {b.timing.step_s:>7.3f} "
+        lines.append(f"{len(b.names):>5} {b.at_once:>7} {b.cfg.model:<12} {b.cfg.learner:<9} {b.cfg.precision:<4} "
+                     f"{b.shape.classes:>7} {b.rows:>6} {chunk!s:>10} {b.peak_bytes / GIB:>7.2f} {b.timing.step_s:>7.3f} "
                      f"{b.steps:>7} {_duration(b.train_s):>9}")
     image_side = sorted({b.cfg.learner for b in plan.batches if not get_learner(b.cfg.learner).cached_features})
     if image_side:
