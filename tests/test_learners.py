@@ -203,7 +203,7 @@ def test_promptsrc_forward_and_penalty_equal_independent_computations(bb64, pixe
     kl = (p0 * (p0.log() - p.log())).sum() / p.numel()
     expected = 25 * (t - t0).abs().mean() + 10 * (i - i0).abs().mean() + kl
     torch.testing.assert_close(logits.double(), scale * i @ t.t(), rtol=0, atol=1e-4)
-    assert float(pen.detach()) == pytest.approx(float(expected), rel=1e-5)
+    assert float(pen.detach()) == pytest.approx(float(expected.detach()), rel=1e-5)
     assert model.penalty is not None and model._step is None  # used once per step
     weights = model.aggregate_weights(20)  # PromptSRC's 20 epochs: N(15, 1)
     assert sum(weights) == pytest.approx(1.0) and max(range(20), key=weights.__getitem__) == 14
@@ -301,6 +301,15 @@ def test_registry_options_and_pairings():
     with pytest.raises(ConfigError, match="depth 9 is beyond the shorter tower's 3 layers"):
         RunConfig(**base, learner="maple").resolved(need_data=False)
     cfg = RunConfig(data="/x", model="ViT-B-16", pretrained=None, learner="maple").resolved(need_data=False)
+    assert (cfg.epochs, cfg.batch_size) == (5, 4)  # MaPLe's own schedule when none is given
+    assert cfg.default_name().endswith("-maple")  # its own epochs are no deviation to spell out
+    given = RunConfig(data="/x", model="ViT-B-16", pretrained=None, learner="maple", epochs=7,
+                      batch_size=8).resolved(need_data=False)
+    assert (given.epochs, given.batch_size) == (7, 8) and "-e7" in given.default_name()
+    coop = RunConfig(**base).resolved(need_data=False)
+    assert (coop.epochs, coop.batch_size) == (200, 32)  # CoOp's protocol, as before learners existed
+    assert (RunConfig(**base, shots=2).resolved(need_data=False).epochs,
+            RunConfig(**base, learner="cocoop").resolved(need_data=False).batch_size) == (100, 1)
     assert cfg.ctx_init == "a photo" and cfg.n_ctx == 2 and cfg.learner_options == {"depth": 9}
     assert cfg.default_name().endswith("-maple")
     cfg = RunConfig(**base, learner="kgcoop", n_ctx=8).resolved(need_data=False)  # a given context wins

@@ -112,8 +112,10 @@ def add_run_options(p: argparse.ArgumentParser, defaults: RunConfig | None = Non
     g.add_argument("--method", default=d.method, help="training method beyond the loss: plain (default), "
                    "nlprompt, joapr, coteaching, ... (`dspt methods` lists them)")
     g.add_argument("--method-opt", action="append", metavar="NAME=VALUE", help="method hyperparameter, repeatable")
-    g.add_argument("--epochs", type=int, default=d.epochs, help="default: 200 (8-16 shots), 100 (2-4), 50 (1/all)")
-    g.add_argument("--batch-size", type=int, default=d.batch_size)
+    g.add_argument("--epochs", type=int, default=d.epochs, help="default: 200 (8-16 shots), 100 (2-4), 50 (1/all); "
+                   "another --learner: its paper's (`dspt learners`)")
+    g.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help="default 32; another --learner: its paper's (`dspt learners`)")
     g.add_argument("--lr", type=float, default=d.lr, help="base learning rate (default: CoOp's 0.002 for ce; for "
                    "other losses, CoOp's rate scaled to take CE's first step: `dspt losses` shows it)")
     g.add_argument("--momentum", type=float, default=d.momentum)
@@ -309,8 +311,9 @@ def cmd_learners(args: argparse.Namespace) -> int:
         print(f"  {'':9s} changes: {towers}; step: {spec.cost()}")
         methods = "every method" if spec.methods is None else ", ".join(spec.methods)
         context = f"; context '{spec.context}'" if spec.context else ""
-        print(f"  {'':9s} options: {opts}; CE lr {spec.lr:g}{context}; paper schedule {spec.schedule['epochs']} "
-              f"epochs, batch {spec.schedule['batch_size']}; methods: {methods}")
+        epochs = "CoOp's by shots" if spec.epochs_by_shots else spec.schedule["epochs"]
+        print(f"  {'':9s} options: {opts}; CE lr {spec.lr:g}{context}; default epochs {epochs}, batch "
+              f"{spec.schedule['batch_size']}; methods: {methods}")
     return 0
 
 

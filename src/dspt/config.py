@@ -37,6 +37,14 @@ NAMED_FIELDS = ("data", "dataset", "model", "pretrained", "checkpoint", "noise",
                 "seed", "lr", "epochs")
 
 
+def default_epochs(learner: str, shots: int) -> int:
+    """CoOp's protocol epochs for its shots, or the epochs of the learner's paper (its 16-shot config)."""
+    from .learners import get_learner
+
+    spec = get_learner(learner)
+    return protocol_epochs(shots) if spec.epochs_by_shots else spec.schedule["epochs"]
+
+
 def protocol_epochs(shots: int) -> int:
     """CoOp's schedule: 200 epochs for 8-16 shots, 100 for 2-4, 50 for 1 shot or the full split."""
     if shots <= 0 or shots == 1:
@@ -184,8 +192,8 @@ class RunConfig:
     loss_options: dict[str, float] = field(default_factory=dict)
     method: str = "plain"  # what a step does beyond the loss: plain, or a method of `dspt methods`
     method_options: dict[str, float | str] = field(default_factory=dict)
-    epochs: int | None = None  # None: protocol_epochs(shots)
-    batch_size: int = 32
+    epochs: int | None = None  # None: protocol_epochs(shots) for CoOp; another learner's paper's epochs
+    batch_size: int | None = None  # None: the learner's paper's (CoOp: 32)
     lr: float | None = None  # None: CoOp's 0.002 for CE, matched to CE's first step for other losses
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -218,7 +226,7 @@ class RunConfig:
         cfg.method_options = dict(cfg.method_options)
         cfg._resolve_learner()
         if cfg.epochs is None:
-            cfg.epochs = protocol_epochs(cfg.shots)
+            cfg.epochs = default_epochs(cfg.learner, cfg.shots)
         if cfg.val_shots == "coop":
             cfg.val_shots = min(cfg.shots, 4) if cfg.shots > 0 else 4
         cfg._resolve_data()
@@ -236,6 +244,8 @@ class RunConfig:
 
         spec = get_learner(self.learner)
         self.learner_options = spec.check(dict(self.learner_options))
+        if self.batch_size is None:
+            self.batch_size = spec.schedule["batch_size"]
         if spec.context and self.n_ctx is None and not (self.ctx_init and self.ctx_init.strip()):
             self.ctx_init = spec.context
 
@@ -265,7 +275,7 @@ class RunConfig:
             name += f"-{self.learner}"
         if self.lr is not None:
             name += f"-lr{self.lr:g}"
-        if self.epochs != protocol_epochs(self.shots):
+        if self.epochs != default_epochs(self.learner, self.shots):
             name += f"-e{self.epochs}"
         defaults = RunConfig(data=self.data, dataset=self.dataset, root=self.root, model=self.model,
                              noise=self.noise, noise_rate=self.noise_rate, fp=self.fp, shots=self.shots,

@@ -38,7 +38,8 @@ class Learner:
     lr: ClassVar[float] = 0.002  # the paper's SGD rate for CE (scaled like CoOp's for other losses)
     # the paper's epochs and batch size at 16 shots (the `learners` preset trains each learner on its own)
     schedule: ClassVar[dict[str, int]] = {"epochs": 200, "batch_size": 32}  # CoOp: configs/trainers/CoOp/*_ep200
-
+    # default epochs: CoOp's protocol by shots (200 at 8-16, 100 at 2-4, 50 at 1), or the schedule's (16 shots)
+    epochs_by_shots: ClassVar[bool] = False
     @classmethod
     def defaults(cls) -> dict[str, Any]:
         return dict(cls.options)
@@ -103,6 +104,7 @@ def _positive(name: str, value: float) -> None:
 class CoOp(Learner):
     summary = "learned text context shared by all classes (or per class with --csc); the default"
     paper = "Zhou et al., Learning to Prompt for Vision-Language Models, IJCV 2022"
+    epochs_by_shots = True
 
 
 @register_learner("kgcoop")
