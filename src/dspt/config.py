@@ -356,7 +356,8 @@ class RunConfig:
         if self.template is not None and "{}" not in self.template:
             raise ConfigError(f"template '{self.template}' has no '{{}}' for the class name")
         checks = [("shots", self.shots >= 0, ">= 0"), ("epochs", self.epochs >= 1, ">= 1"),
-                  ("batch_size", self.batch_size >= 1, ">= 1"), ("lr", self.lr is None or self.lr > 0, "> 0"),
+                  ("batch_size", self.batch_size is None or self.batch_size >= 1, ">= 1"),
+                  ("lr", self.lr is None or self.lr > 0, "> 0"),
                   ("views", self.views >= 0, ">= 0"), ("n_ctx", self.n_ctx >= 1, ">= 1"),
                   ("warmup_epochs", self.warmup_epochs >= 0, ">= 0"),
                   ("warmup_lr", self.warmup_lr > 0, "> 0"), ("split_seed", self.split_seed >= 0, ">= 0"),
@@ -393,8 +394,8 @@ class RunConfig:
             from .prompted_towers import check_tower_config
 
             try:
-                check_tower_config(self.model, self.learner, int(self.learner_options["depth"]),
-                                   both=spec.towers == "both")
+                depth = int(spec.check(dict(self.learner_options))["depth"])  # (defaults filled in)
+                check_tower_config(self.model, self.learner, depth, both=spec.towers == "both")
             except BackboneError as exc:
                 raise ConfigError(str(exc)) from None
         if spec.layout == "none" and (self.csc or self.ctx_init or self.class_token_position != "end"):
