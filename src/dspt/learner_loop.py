@@ -44,10 +44,25 @@ def _load_momentum(opt: torch.optim.SGD, params: list[torch.Tensor], vector: tor
 @torch.no_grad()
 def image_features(run: _Run, split: str, model: TunedModel | None = None) -> torch.Tensor:
     """[N, E] features of a split's images (view 0: the test transform) under a learner (default: the run's):
-    the cached ones for a learner that keeps the frozen image tower, else its own prompted tower over every image."""
+    the cached ones for a learner that keeps the frozen image tower, else its own prompted tower over every image.
+    The training images' features are remembered with the parameters they came from: the end of one epoch and
+    the start of the next (a method's view) see the same parameters, and encode once."""
     p, model = run.p, model or run.model
     if model.image_input == "features":
         return {"train": p.train_feats[0], "test": p.test_feats, "val": p.val_feats}[split]
+    if split == "train":
+        vector = model_vector(model).detach()
+        memo = getattr(model, "_train_features", None)
+        if memo is not None and torch.equal(memo[0], vector):
+            return memo[1]
+        feats = _encode(run, split, model)
+        model._train_features = (vector, feats)
+        return feats
+    return _encode(run, split, model)
+
+
+def _encode(run: _Run, split: str, model: TunedModel) -> torch.Tensor:
+    p = run.p
     data = {"train": p.train, "test": p.test, "val": p.val}[split]
     was = model.training
     model.eval()

@@ -181,31 +181,22 @@ class VPTModel(TunedModel):
         return self.text
 
 
-class MaPLeModel(TunedModel):
-    """Multi-modal prompt learning: CoOp's context in the text tower's input and new text context before each of
-    the first `depth` text layers; each layer's image prompts are a learned linear map of that layer's text
-    context (one map per layer), put into the image tower at the same layers. Class token at the end."""
+class _DeepPrompts(TunedModel):
+    """What MaPLe and PromptSRC share: CoOp's context at the text tower's input and new text context before each of
+    the first `depth` text layers (N(0, 0.02)), and image prompts at the same layers (`vision_prompts`)."""
 
-    learner_name = "maple"
     image_input = "pixels"
 
     def __init__(self, backbone: Backbone, classnames: list[str], options: dict[str, Any], template: str,
                  n_ctx: int, ctx_init: str | None, seed: int = 0):
         super().__init__(backbone, classnames, options, template)
-        visual = image_tower(backbone, "maple")
-        depth = _layer_count(int(options["depth"]), min(image_layers(backbone), text_layers(backbone)),
-                             "shorter tower", "maple")
+        self.visual_width = image_tower(backbone, self.learner_name).conv1.out_channels
+        self.depth = _layer_count(int(options["depth"]), min(image_layers(backbone), text_layers(backbone)),
+                                  "shorter tower", self.learner_name)
         self.prompt = PromptLearner(backbone, classnames, n_ctx, ctx_init, False, "end", seed=seed)
-        width_t, width_v = self.prompt.ctx.shape[-1], visual.conv1.out_channels
-        dev = backbone.device
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            self.proj = nn.Linear(width_t, width_v)
-            one = nn.Linear(width_t, width_v)  # MaPLe deep-copies one layer: every map starts the same
-        self.deep = nn.ParameterList([nn.Parameter(_seeded_normal((self.prompt.n_ctx, width_t), seed + 1 + i))
-                                      for i in range(depth - 1)])
-        self.deep_proj = nn.ModuleList([copy.deepcopy(one) for _ in range(depth - 1)])
-        self.to(dev)
+        self.deep = nn.ParameterList([nn.Parameter(_seeded_normal((self.prompt.n_ctx, self.prompt.ctx.shape[-1]),
+                                                                  seed + 1 + i).to(backbone.device))
+                                      for i in range(self.depth - 1)])
         self.causal = TextEncoder(backbone).causal
 
     def meta(self) -> dict[str, Any]:
@@ -220,7 +211,7 @@ class MaPLeModel(TunedModel):
         return F.normalize(feats.float(), dim=-1)
 
     def vision_prompts(self) -> list[torch.Tensor]:
-        return [self.proj(self.prompt.ctx)] + [p(d) for p, d in zip(self.deep_proj, self.deep)]
+        raise NotImplementedError
 
     def image_features(self, x: torch.Tensor) -> torch.Tensor:
         with self.autocast():
@@ -229,52 +220,52 @@ class MaPLeModel(TunedModel):
         return F.normalize(feats.float(), dim=-1)
 
 
-class PromptSRCModel(TunedModel):
-    """PromptSRC: independent deep prompts in both towers (CoOp's context and new text context before each of the
-    first `depth` text layers; `length` image tokens at the first `depth` image layers), regulated by the frozen
-    CLIP: `penalty()` adds text_weight x L1(text features, the template's) + image_weight x L1(image features,
-    the frozen tower's) + KL(frozen CLIP's class distribution || the prompted one) (sum / elements, as its code),
-    and the prompts of every epoch are averaged with Gaussian weights N(gpa_mean, gpa_std) over epochs 1..E
-    (`aggregate_weights`), the average being the final prompt."""
+class MaPLeModel(_DeepPrompts):
+    """Multi-modal prompt learning: the deep text context of `_DeepPrompts`; each layer's image prompts are a
+    learned linear map of that layer's text context (one map per layer), put into the image tower at the same
+    layers. Class token at the end."""
 
-    learner_name = "promptsrc"
-    image_input = "pixels"
+    learner_name = "maple"
 
     def __init__(self, backbone: Backbone, classnames: list[str], options: dict[str, Any], template: str,
                  n_ctx: int, ctx_init: str | None, seed: int = 0):
-        super().__init__(backbone, classnames, options, template)
-        visual = image_tower(backbone, "promptsrc")
-        depth = _layer_count(int(options["depth"]), min(image_layers(backbone), text_layers(backbone)),
-                             "shorter tower", "promptsrc")
-        self.prompt = PromptLearner(backbone, classnames, n_ctx, ctx_init, False, "end", seed=seed)
-        width_t, width_v = self.prompt.ctx.shape[-1], visual.conv1.out_channels
-        dev = backbone.device
-        self.deep = nn.ParameterList([nn.Parameter(_seeded_normal((self.prompt.n_ctx, width_t), seed + 1 + i)
-                                                   .to(dev)) for i in range(depth - 1)])
-        self.vision = nn.ParameterList([nn.Parameter(_seeded_normal((int(options["length"]), width_v),
-                                                                    seed + 101 + i).to(dev)) for i in range(depth)])
+        super().__init__(backbone, classnames, options, template, n_ctx, ctx_init, seed)
+        width_t, width_v = self.prompt.ctx.shape[-1], self.visual_width
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.proj = nn.Linear(width_t, width_v)
+            one = nn.Linear(width_t, width_v)  # MaPLe deep-copies one layer: every map starts the same
+        self.deep_proj = nn.ModuleList([copy.deepcopy(one) for _ in range(self.depth - 1)])
+        self.to(backbone.device)
+
+    def vision_prompts(self) -> list[torch.Tensor]:
+        return [self.proj(self.prompt.ctx)] + [p(d) for p, d in zip(self.deep_proj, self.deep)]
+
+
+class PromptSRCModel(_DeepPrompts):
+    """PromptSRC: independent deep prompts in both towers (the deep text context of `_DeepPrompts`; `length` image
+    tokens at the first `depth` image layers), regulated by the frozen CLIP: `penalty()` adds text_weight x
+    L1(text features, the template's) + image_weight x L1(image features, the frozen tower's) + KL(frozen CLIP's
+    class distribution || the prompted one) (sum / elements, as its code), and the prompts of every epoch are
+    averaged with Gaussian weights N(gpa_mean, gpa_std) over epochs 1..E (`aggregate_weights`), the average being
+    the final prompt."""
+
+    learner_name = "promptsrc"
+
+    def __init__(self, backbone: Backbone, classnames: list[str], options: dict[str, Any], template: str,
+                 n_ctx: int, ctx_init: str | None, seed: int = 0):
+        super().__init__(backbone, classnames, options, template, n_ctx, ctx_init, seed)
+        self.vision = nn.ParameterList([nn.Parameter(_seeded_normal((int(options["length"]), self.visual_width),
+                                                                    seed + 101 + i).to(backbone.device))
+                                        for i in range(self.depth)])
         from .prepare import zeroshot_text_features
 
         self.register_buffer("frozen_text", zeroshot_text_features(backbone, self.classnames, template),
                              persistent=False)
-        self.causal = TextEncoder(backbone).causal
         self._step: tuple[torch.Tensor, ...] | None = None
 
-    def meta(self) -> dict[str, Any]:
-        return super().meta() | {"n_ctx": self.prompt.n_ctx, "ctx_init": self.prompt.ctx_init}
-
-    def text_features(self) -> torch.Tensor:
-        prompt = self.prompt
-        length = prompt.max_eos + 1 if self.causal else prompt.context_length
-        with self.autocast():
-            feats = deep_text_features(text_parts(self.backbone.model), prompt(length), prompt.eos, list(self.deep),
-                                       length)
-        return F.normalize(feats.float(), dim=-1)
-
-    def image_features(self, x: torch.Tensor) -> torch.Tensor:
-        with self.autocast():
-            feats = prompted_image_features(self.backbone.model.visual, x.to(self.backbone.device), list(self.vision))
-        return F.normalize(feats.float(), dim=-1)
+    def vision_prompts(self) -> list[torch.Tensor]:
+        return list(self.vision)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         image, text = self.image_features(x), self.text_features()

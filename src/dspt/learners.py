@@ -32,6 +32,7 @@ class Learner:
     methods: ClassVar[tuple[str, ...] | None] = None  # the methods it trains with (None: every method)
     why_not: ClassVar[str] = ""  # why the other methods do not train it
     options: ClassVar[dict[str, Any]] = {}  # option -> default (each from the paper's config, see the class)
+    minimums: ClassVar[dict[str, tuple[float, str]]] = {}  # option -> (its least value, a note on the range)
     layout: ClassVar[str] = "any"  # its text context: "any" of CoOp's, "shared-end" (one, before the name), "none"
     module: ClassVar[str | None] = None  # its model class in dspt.learner_models (None: CoOp's PromptLearner)
     context: ClassVar[str | None] = None  # the paper's context phrase (when no --n-ctx or --ctx-init is given)
@@ -68,6 +69,9 @@ class Learner:
     @classmethod
     def check_values(cls, options: dict[str, Any]) -> None:
         """A learner's own range checks (ConfigError naming the option and its range)."""
+        for key, (low, note) in cls.minimums.items():
+            if key in options and not options[key] >= low:
+                raise ConfigError(f"learner option {key}={options[key]} is invalid; it must be >= {low:g}{note}")
 
     @classmethod
     def check_method(cls, method: str) -> None:
@@ -113,13 +117,9 @@ class KgCoOp(Learner):
     paper = "Yao et al., Visual-Language Prompt Tuning with Knowledge-guided Context Optimization, CVPR 2023"
     # weight 8.0: KgCoOp's trainers/kgcoop.py (loss = CE + 8.0 * score, score = 1 - mean cosine)
     options = {"weight": 8.0}
+    minimums = {"weight": (0, "")}
     context = "a photo of a"  # its code initialises the context from this phrase (4 tokens)
     schedule = {"epochs": 100, "batch_size": 128}  # configs/trainers/KgCoOp/vit_b16_ep100_ctxv1.yaml
-
-    @classmethod
-    def check_values(cls, options: dict[str, Any]) -> None:
-        if not options["weight"] >= 0:
-            raise ConfigError(f"learner option weight={options['weight']} is invalid; it must be >= 0")
 
 
 @register_learner("cocoop")
@@ -134,16 +134,12 @@ class CoCoOp(Learner):
     # CoCoOp's configs/trainers/CoCoOp/vit_b16_c4_ep10_batch1_ctxv1.yaml: 4 context tokens from "a photo of a",
     # lr 0.002, 10 epochs, batch 1; meta-net Linear(E, E // 16) - ReLU - Linear(E // 16, D) (trainers/cocoop.py)
     options = {"reduction": 16}
+    minimums = {"reduction": (1, "")}
     lr = 0.002
     module = "CoCoOpModel"
     layout = "shared-end"
     schedule = {"epochs": 10, "batch_size": 1}
     context = "a photo of a"
-
-    @classmethod
-    def check_values(cls, options: dict[str, Any]) -> None:
-        if options["reduction"] < 1:
-            raise ConfigError(f"learner option reduction={options['reduction']} is invalid; it must be >= 1")
 
 
 class _ImageSide(Learner):
@@ -155,13 +151,7 @@ class _ImageSide(Learner):
     towers = "image"
     cached_features = False
     batches = False
-
-    @classmethod
-    def check_values(cls, options: dict[str, Any]) -> None:
-        if options["length"] < 1:
-            raise ConfigError(f"learner option length={options['length']} is invalid; it must be >= 1")
-        if options["depth"] < 1:
-            raise ConfigError(f"learner option depth={options['depth']} is invalid; it must be >= 1 (layers)")
+    minimums = {"length": (1, ""), "depth": (1, " (layers)")}
 
 
 @register_learner("vpt")
@@ -180,14 +170,8 @@ class VPTDeep(_ImageSide):
     paper = "Jia et al., Visual Prompt Tuning, ECCV 2022"
     # the same config: 8 tokens, PROMPT_DEPTH_VISION 12 (every layer of ViT-B/16); depth 0 = every layer
     options = {"length": 8, "depth": 0}
+    minimums = {"length": (1, ""), "depth": (0, " (0: all)")}
     lr = 0.0025
-
-    @classmethod
-    def check_values(cls, options: dict[str, Any]) -> None:
-        if options["length"] < 1:
-            raise ConfigError(f"learner option length={options['length']} is invalid; it must be >= 1")
-        if options["depth"] < 0:
-            raise ConfigError(f"learner option depth={options['depth']} is invalid; it must be >= 0 (0: all)")
 
 
 @register_learner("maple")
@@ -203,11 +187,6 @@ class MaPLe(_ImageSide):
     layout = "shared-end"
     context = "a photo"  # MaPLe learns the first N_CTX = 2 words of "a photo of a" (the rest stay fixed text there)
 
-    @classmethod
-    def check_values(cls, options: dict[str, Any]) -> None:
-        if options["depth"] < 1:
-            raise ConfigError(f"learner option depth={options['depth']} is invalid; it must be >= 1 (layers)")
-
 
 @register_learner("promptsrc")
 class PromptSRC(_ImageSide):
@@ -219,6 +198,7 @@ class PromptSRC(_ImageSide):
     # in both towers, "a photo of a", lr 0.0025, 20 epochs, batch 4, TEXT_LOSS_WEIGHT 25, IMAGE_LOSS_WEIGHT 10,
     # GPA_MEAN 15, GPA_STD 1 (epochs, 1-based); trainers/promptsrc.py for the losses
     options = {"depth": 9, "length": 4, "text_weight": 25.0, "image_weight": 10.0, "gpa_mean": 15.0, "gpa_std": 1.0}
+    minimums = {"length": (1, ""), "depth": (1, " (layers)"), "text_weight": (0, ""), "image_weight": (0, "")}
     lr = 0.0025
     schedule = {"epochs": 20, "batch_size": 4}
     module = "PromptSRCModel"
@@ -228,9 +208,6 @@ class PromptSRC(_ImageSide):
     @classmethod
     def check_values(cls, options: dict[str, Any]) -> None:
         super().check_values(options)
-        for key in ("text_weight", "image_weight"):
-            if not options[key] >= 0:
-                raise ConfigError(f"learner option {key}={options[key]} is invalid; it must be >= 0")
         if not options["gpa_std"] > 0:
             raise ConfigError(f"learner option gpa_std={options['gpa_std']} is invalid; it must be > 0 (epochs)")
 

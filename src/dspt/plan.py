@@ -174,6 +174,39 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _encode_s(backbone: Any, gen: torch.Generator) -> tuple[int, float]:
+    """The image tower's embedding width, and its seconds per image on a few random images (after a warm-up)."""
+    dev = backbone.device
+    images = torch.randn(4, 3, backbone.image_size, backbone.image_size, generator=gen)
+    embed = backbone.encode_images(images[:1]).shape[-1]  # also the image tower's warm-up
+    _sync(dev)
+    t0 = time.perf_counter()
+    backbone.encode_images(images)
+    _sync(dev)
+    return embed, (time.perf_counter() - t0) / len(images)
+
+
+def _timed_steps(step: Callable[[], torch.Tensor], opt: torch.optim.Optimizer, steps: int, dev: torch.device
+                 ) -> tuple[list[float], int]:
+    """Seconds of `steps` training steps (the loss of `step`, backward, an optimizer step) after one warm-up, and
+    the bytes allocated before them (the GPU's peak counter is reset here)."""
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    base = torch.cuda.memory_allocated(dev) if dev.type == "cuda" else 0
+    times = []
+    for i in range(steps + 1):
+        _sync(dev)
+        t0 = time.perf_counter()
+        loss = step()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        _sync(dev)
+        if i:
+            times.append(time.perf_counter() - t0)
+    return times, base
+
+
 def time_shape(cfg: RunConfig, shape: RunShape, runs: int, max_memory: float | None, steps: int = 1
                ) -> ShapeTiming:
     """Time `steps` training steps (after one warm-up) of `runs` runs of `shape` on a random init of the config's
@@ -193,31 +226,16 @@ def time_shape(cfg: RunConfig, shape: RunShape, runs: int, max_memory: float | N
     opt = torch.optim.SGD([model.ctx], lr=1e-3, momentum=0.9)
     gen = torch.Generator().manual_seed(0)
     b = min(cfg.batch_size, shape.n_train)
-    images = torch.randn(4, 3, backbone.image_size, backbone.image_size, generator=gen)
-    embed = backbone.encode_images(images[:1]).shape[-1]  # also the image tower's warm-up
-    _sync(dev)
-    t0 = time.perf_counter()
-    backbone.encode_images(images)
-    _sync(dev)
-    encode = (time.perf_counter() - t0) / len(images)
+    embed, encode = _encode_s(backbone, gen)
     feats = F.normalize(torch.randn(r, b, embed, generator=gen), dim=-1).to(dev)
     labels = torch.randint(0, shape.classes, (b,), generator=gen).to(dev)
     loss_fn = get_loss(cfg.loss, **cfg.loss_options)
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
-    base = torch.cuda.memory_allocated(dev) if dev.type == "cuda" else 0
-    times = []
-    for i in range(steps + 1):
-        _sync(dev)
-        t0 = time.perf_counter()
+
+    def step() -> torch.Tensor:
         logits = model.logits(feats)
-        loss = sum(loss_fn(logits[j], labels) for j in range(r))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        _sync(dev)
-        if i:
-            times.append(time.perf_counter() - t0)
+        return sum(loss_fn(logits[j], labels) for j in range(r))
+
+    times, base = _timed_steps(step, opt, steps, dev)
     t0 = time.perf_counter()
     with torch.no_grad():
         model.text_features()
@@ -250,35 +268,20 @@ def _time_model(cfg: RunConfig, shape: RunShape, backbone: Any, budget: RowBudge
     opt = torch.optim.SGD(list(model.trainable().values()), lr=1e-3, momentum=0.9)
     gen = torch.Generator().manual_seed(0)
     b = min(cfg.batch_size, max(shape.n_train, 1))
-    images = torch.randn(4, 3, backbone.image_size, backbone.image_size, generator=gen)
-    embed = backbone.encode_images(images[:1]).shape[-1]
-    _sync(dev)
-    t0 = time.perf_counter()
-    backbone.encode_images(images)
-    _sync(dev)
-    encode = (time.perf_counter() - t0) / len(images)
+    embed, encode = _encode_s(backbone, gen)
     if model.image_input == "pixels":
         x = torch.randn(b, 3, backbone.image_size, backbone.image_size, generator=gen).to(dev)
     else:
         x = F.normalize(torch.randn(b, embed, generator=gen), dim=-1).to(dev)
     labels = torch.randint(0, shape.classes, (b,), generator=gen).to(dev)
     loss_fn = get_loss(cfg.loss, **cfg.loss_options)
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
-    base = torch.cuda.memory_allocated(dev) if dev.type == "cuda" else 0
-    times = []
-    for i in range(steps + 1):
-        _sync(dev)
-        t0 = time.perf_counter()
+
+    def step() -> torch.Tensor:
         loss = loss_fn(model.logits(x), labels)
         extra_term = model.penalty()  # PromptSRC's regularisation (a frozen image-tower pass)
-        loss = loss if extra_term is None else loss + extra_term
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        _sync(dev)
-        if i:
-            times.append(time.perf_counter() - t0)
+        return loss if extra_term is None else loss + extra_term
+
+    times, base = _timed_steps(step, opt, steps, dev)
     t0 = time.perf_counter()
     with torch.no_grad():
         model.logits(x)
