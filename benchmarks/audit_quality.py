@@ -162,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--losses", default=",".join(LOSSES))
     ap.add_argument("--epochs", type=int, default=EPOCHS)
     ap.add_argument("--folds", type=int, default=FOLDS)
+    ap.add_argument("--shift", choices=list(cifar10n_case.SHIFTS), default="none",
+                    help="the case's shift of the tuning and test images (cifar10n_case.py --shift; default none)")
     ap.add_argument("--retrain", action="store_true", help="also train on noisy vs cleaned labels")
     ap.add_argument("--seeds", default="1,2,3", help="tuning seeds of --retrain")
     ap.add_argument("--out", type=Path, default=None, help="audit folders (default: beside the case)")
@@ -169,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, help="write the figures as JSON here")
     args = ap.parse_args(argv)
     try:
-        case = cifar10n_case.build_case()
+        case = cifar10n_case.build_case(shift=args.shift)
         out = args.out or Path(case["root"]) / f"audit-scores-{args.pool}"
         records, retrained = [], []
         for setting in args.settings.split(","):
@@ -184,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     except DsptError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    text = [f"## Audit scores on the CIFAR-10N case, {args.pool} pool ({args.folds} folds, {args.epochs} epochs)", "",
+    text = [f"## Audit scores on the CIFAR-10N case (shift {args.shift}), {args.pool} pool ({args.folds} folds, "
+            f"{args.epochs} epochs)", "",
             score_table(records), "", estimate_table(records)]
     if retrained:
         text += ["", retrain_table(pd.concat(retrained)), ""]

@@ -20,6 +20,12 @@ majority of three annotators, about 9 % wrong; `random_label1`, one annotator, a
   store's `dataset` column then names the pool, not the label set). Absolute paths: move the case folder
   and the tables point to the old place; build it again where it is needed;
   `noise.json`: the realised noise rate of each label set on each pool (train part, val part, all);
+- `--shift bgr` (the `shifted` case): the tuning pools and the test images, never the pretraining images, have
+  their red and blue channels swapped (a camera pipeline's BGR mix-up) and are stored losslessly as PNG. As
+  the demo's textured paper does for digits, this puts tuning in a domain the prior never saw: its image
+  features still separate the classes (a linear probe on them does far better than zero-shot) while its
+  zero-shot head is off, which is the headroom prompt tuning has on real CLIP and that the unshifted case
+  lacks (there a linear probe on the prior's features is level with zero-shot);
 - the prior: `dspt-tiny` (the demo's open_clip config) contrastively pretrained on the `pretrain` part with clean
   captions ("a photo of a {class}." and the other generic templates of `dspt.pretrain`) at logit scale 100,
   as the demo pretrains its miniature on digits (`dspt.pretrain.pretrain_clip`); saved as
@@ -68,6 +74,8 @@ POOLS = ("dev", "final")
 TEMPLATE = "a photo of a {}."
 DEFAULT_SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 #: the demo's pretraining recipe, with fewer epochs: a weak prior on 10,000 photos in a few CPU minutes
+#: image shifts of the tuning and test images (`--shift`): name -> what is done to an RGB array [H, W, 3]
+SHIFTS = {"none": None, "bgr": lambda a: a[:, :, ::-1]}
 PRETRAIN_SETTINGS = {"epochs": 3, "batch_size": PRETRAIN["batch_size"], "lr": PRETRAIN["lr"],
                      "logit_scale": PRETRAIN["logit_scale"]}
 
@@ -137,11 +145,20 @@ def _draw(members: dict[str, dict[str, list[tarfile.TarInfo]]], rng: np.random.G
     return parts
 
 
-def _extract(tar: tarfile.TarFile, chosen: list[tuple[tarfile.TarInfo, Path]]) -> None:
-    """Write each chosen member to its path, reading the archive forwards only (a gzip stream cannot seek back)."""
+def _extract(tar: tarfile.TarFile, chosen: list[tuple[tarfile.TarInfo, Path]], shift: str = "none",
+             shifted: set[str] = frozenset()) -> None:
+    """Write each chosen member to its path, reading the archive forwards only (a gzip stream cannot seek back);
+    members named in `shifted` decoded, shifted (`SHIFTS[shift]`) and written as PNG (their paths end in .png)."""
+    from PIL import Image
+
     for m, dest in sorted(chosen, key=lambda c: c[0].offset_data):
         dest.parent.mkdir(parents=True, exist_ok=True)
-        dest.write_bytes(tar.extractfile(m).read())
+        data = tar.extractfile(m).read()
+        if m.name in shifted and SHIFTS[shift] is not None:
+            rgb = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+            Image.fromarray(np.ascontiguousarray(SHIFTS[shift](rgb))).save(dest, format="PNG")
+        else:
+            dest.write_bytes(data)
 
 
 # ------------------------------------------------------------------------------------------------- tables
@@ -222,13 +239,15 @@ def build_case(shared_dir: str | Path = DEFAULT_SHARED, out_dir: str | Path | No
                pretrain_per_class: int = 1000, pool_per_class: int = 500, val_per_class: int = 50,
                test_per_class: int = 200, pretrain_epochs: int | None = None,
                pretrain_settings: dict[str, Any] | None = None, cache_dir: str | Path | None = None,
-               zeroshot: bool = True, progress: bool = True) -> dict[str, Any]:
+               zeroshot: bool = True, progress: bool = True, shift: str = "none") -> dict[str, Any]:
     """Build the case (see the module docstring) or reuse the one built with the same settings and inputs.
 
     Returns {root, checkpoint, test, tables: {pool: {label set: csv}}, noise_file, manifest (paths), counts,
     noise: {pool: {label set: {train, val, all}}}, zeroshot_acc, seconds, settings, reused}."""
     shared = Path(shared_dir).expanduser()
     out = Path(out_dir).expanduser() if out_dir is not None else default_out()
+    if shift not in SHIFTS:
+        raise DataError(f"shift '{shift}' unknown; choose one of: {', '.join(SHIFTS)}")
     if not 0 < val_per_class < pool_per_class:
         raise DataError(f"val_per_class {val_per_class} must be in [1, pool_per_class - 1 = {pool_per_class - 1}]")
     tarball, labels_file = _inputs(shared)
@@ -239,6 +258,8 @@ def build_case(shared_dir: str | Path = DEFAULT_SHARED, out_dir: str | Path | No
                 "pool_per_class": pool_per_class, "val_per_class": val_per_class, "test_per_class": test_per_class,
                 "pretrain": prior, "templates": list(GENERIC_TEMPLATES), "model": DEMO_MODEL,
                 "inputs": {TARBALL: file_stamp(tarball), LABELS: file_stamp(labels_file)}}
+    if shift != "none":  # (absent when unshifted: the unshifted case keeps the folder it had before shifts)
+        settings["shift"] = shift
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     root = out / f"case-v{CASE_VERSION}-seed{seed}-{key}"
     paths = _paths(root)
@@ -259,9 +280,11 @@ def build_case(shared_dir: str | Path = DEFAULT_SHARED, out_dir: str | Path | No
             raise DataError(f"labels file '{labels_file}' has no row for {len(unknown)} chosen image(s), e.g. "
                             f"'{unknown[0]}'; use the CIFAR-10N labels that match {tarball.name}")
         # training images under images/train/<class>/, the test images as the test folder test/<class>/
-        where = {m.name: (root / "test" if part == "test" else root / "images" / "train") / cls / Path(m.name).name
+        shifted = {m.name for part in (*POOLS, "test") for m, _ in parts[part]} if shift != "none" else set()
+        where = {m.name: (root / "test" if part == "test" else root / "images" / "train") / cls
+                 / (Path(m.name).with_suffix(".png").name if m.name in shifted else Path(m.name).name)
                  for part, chosen in parts.items() for m, cls in chosen}
-        _extract(tar, [(m, where[m.name]) for chosen in parts.values() for m, _ in chosen])
+        _extract(tar, [(m, where[m.name]) for chosen in parts.values() for m, _ in chosen], shift, shifted)
     t_extract = time.perf_counter() - t0
 
     classes = sorted({cls for _, cls in parts["test"]})
@@ -299,7 +322,7 @@ def build_case(shared_dir: str | Path = DEFAULT_SHARED, out_dir: str | Path | No
     history = pretrain_prior([where[m.name] for m, _ in pre], np.array([classes.index(c) for _, c in pre]), classes,
                              paths["checkpoint"], seed, prior, progress)
     t_pretrain = time.perf_counter() - t1
-    manifest: dict[str, Any] = {"settings": settings, "classes": classes, "counts": counts, "noise": noise,
+    manifest: dict[str, Any] = {"settings": settings, "shift": shift, "classes": classes, "counts": counts, "noise": noise,
                                 "pretrain_loss": history, "template": TEMPLATE, "zeroshot_acc": None,
                                 "seconds": {"extract": t_extract, "pretrain": t_pretrain}}
     if zeroshot:
@@ -314,11 +337,14 @@ def build_case(shared_dir: str | Path = DEFAULT_SHARED, out_dir: str | Path | No
 def describe(case: dict[str, Any]) -> str:
     """What the case holds, as printed by the command."""
     c, s = case["counts"], case["seconds"]
+    shift = case["settings"].get("shift", "none")
     lines = [f"CIFAR-10N case {'reused' if case['reused'] else 'built'}: {case['root']}",
              (f"  prior: {case['checkpoint']} ({DEMO_MODEL}, {case['settings']['pretrain']['epochs']} epochs on "
               f"{c['pretrain']} clean-captioned training images, logit scale "
               f"{case['settings']['pretrain']['logit_scale']:g})"),
-             f"  test: {case['test']} ({c['test']} CIFAR-10 test images, clean labels)"]
+             f"  test: {case['test']} ({c['test']} CIFAR-10 test images, clean labels)",
+             f"  shift of the tuning and test images: {shift}"
+             + ("" if shift == "none" else " (the pretraining images are not shifted)")]
     for pool in POOLS:
         lines.append(f"  {pool}: {c[pool]['train']} train + {c[pool]['val']} val images; tables "
                      + ", ".join(str(Path(t).relative_to(case["root"])) for t in case["tables"][pool].values()))
@@ -344,12 +370,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--val-per-class", type=int, default=50, help="of which go to the pool's validation part")
     ap.add_argument("--test-per-class", type=int, default=200)
     ap.add_argument("--pretrain-epochs", type=int, default=PRETRAIN_SETTINGS["epochs"])
+    ap.add_argument("--shift", choices=list(SHIFTS), default="none",
+                    help="shift of the tuning and test images (bgr: red and blue swapped; see above)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     try:
         case = build_case(args.shared, args.out, args.seed, args.pretrain_per_class, args.pool_per_class,
-                          args.val_per_class, args.test_per_class, args.pretrain_epochs, progress=not args.no_progress)
+                          args.val_per_class, args.test_per_class, args.pretrain_epochs, progress=not args.no_progress,
+                          shift=args.shift)
     except DsptError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

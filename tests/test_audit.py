@@ -242,3 +242,35 @@ def test_a_refused_apply_keeps_the_audit_and_writes_no_cleaned_labels(data, tmp_
         audit(_cfg(data, tmp_path / "cache", epochs=1), tmp_path / "audit", folds=2, review=False, apply="drop")
     assert (tmp_path / "audit" / "audit.csv").is_file() and (tmp_path / "audit" / "audit.json").is_file()
     assert not (tmp_path / "audit" / "cleaned_labels.csv").exists()
+
+
+def test_the_estimator_is_chosen_by_what_the_test_labels_and_the_zero_shot_model_can_say(audited, data, tmp_path):
+    """auto: `reference` needs clean test labels (injected noise here) and a zero-shot model that pins the share;
+    the tiny random model knows nothing of these images, so the audit falls back to the mixture and says why."""
+    from dspt.audit import choose_estimate, trusted_test_labels
+    from dspt.errors import ConfigError
+    from dspt.noise_estimate import NoiseEstimate
+
+    res, out = audited
+    summary = json.loads((out / "audit.json").read_text())
+    ref = summary["noise_estimates"]["reference"]
+    assert set(summary["noise_estimates"]) == {"reference", "mixture", "confident_joint"}
+    assert not ref["identified"] and summary["noise_estimate"]["method"] == "mixture"
+    assert "not identified" in summary["estimator_chosen"] and res.noise_estimate.method == "mixture"
+    # an identified reference estimate is taken; without clean test labels there is none, and mixture sizes the flags
+    good = NoiseEstimate(0.3, 0.25, 0.35, "reference", 60, starts=(0.30, 0.31))
+    mix = NoiseEstimate(0.2, 0.1, 0.3, "mixture", 60)
+    assert choose_estimate("auto", {"reference": good, "mixture": mix})[0] is good
+    assert choose_estimate("auto", {"mixture": mix})[0] is mix
+    assert choose_estimate("mixture", {"reference": good, "mixture": mix})[0] is mix
+    # which test labels are trusted
+    given_csv = RunConfig(data="x.csv", dataset="csv", noise="given")
+    assert not trusted_test_labels(given_csv)
+    assert trusted_test_labels(RunConfig(data="x.csv", dataset="csv", noise="given", test_data="test/"))
+    assert trusted_test_labels(RunConfig(data=str(data), noise="sym", noise_rate=0.3))
+    labels = tmp_path / "labels.csv"
+    labels.write_text("path,label\n" + "".join(f"{p},{p.parent.name}\n" for p in sorted((data / "train").glob("*/*"))))
+    with pytest.raises(ConfigError, match="--estimator reference calibrates on the test split's labels"):
+        audit(_cfg(labels, tmp_path / "cache", dataset="csv", noise="given", noise_rate=0.0), tmp_path / "a",
+              folds=2, estimator="reference")
+    assert not (tmp_path / "a").exists()  # refused before anything is written

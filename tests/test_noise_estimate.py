@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dspt.noise_estimate import estimate_noise_rate, flag_top
+from dspt.noise_estimate import Reference, estimate_noise_rate, fit_temperature, flag_top, transition_em
 
 
 def _scores(n: int, rate: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -41,8 +41,89 @@ def test_same_seed_same_interval_and_unknown_estimator_is_refused():
     score, _ = _scores(500, 0.3, seed=2)
     a = estimate_noise_rate(score, bootstrap=40, seed=0)
     assert a == estimate_noise_rate(score, bootstrap=40, seed=0)
-    with pytest.raises(ValueError, match="unknown; choose one of: mixture, confident_joint"):
+    with pytest.raises(ValueError, match="unknown; choose one of: reference, mixture, confident_joint"):
         estimate_noise_rate(score, method="guess")
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+
+
+def _world(n: int, k: int, rate: float, kind: str, seed: int, scale: float = 1.5, temperature: float = 2.0):
+    """Images whose true class is drawn from softmax(z); labels flipped at `rate` (sym: to another class at
+    random; pair: to the next class); the classifier's logits are z * temperature (miscalibrated)."""
+    rng = np.random.default_rng(seed)
+    z = rng.normal(0.0, scale, (n, k))
+    p = _softmax(z)
+    true = (p.cumsum(1) > rng.random((n, 1))).argmax(1)
+    flip = rng.random(n) < rate
+    shift = rng.integers(1, k, n) if kind == "sym" else np.ones(n, dtype=np.int64)
+    return z * temperature, true, np.where(flip, (true + shift) % k, true)
+
+
+def test_temperature_is_recovered_from_labels_drawn_at_it():
+    logits, true, _ = _world(20000, 6, 0.0, "sym", seed=3, temperature=2.5)  # labels ~ softmax(logits / 2.5)
+    assert abs(fit_temperature(logits, true) - 2.5) < 0.1
+
+
+def test_em_with_a_classifier_that_knows_the_true_class_gives_the_realised_share_and_confusion():
+    """One-hot probabilities: the posterior is the true class whatever T, so the share is the realised one exactly
+    and T is the confusion matrix of (true, given) counts plus the smoothing."""
+    rng = np.random.default_rng(4)
+    n, k = 1000, 4
+    true = rng.integers(0, k, n)
+    given = np.where(rng.random(n) < 0.3, (true + 1) % k, true)
+    t, clean = transition_em(np.eye(k)[true], given, smoothing=0.0)
+    assert np.array_equal(clean, (true == given).astype(float))
+    confusion = np.zeros((k, k))
+    np.add.at(confusion, (true, given), 1)
+    assert np.allclose(t, confusion / confusion.sum(1, keepdims=True))
+
+
+def test_em_ends_at_the_maximum_likelihood_transition_matrix():
+    """The likelihood is concave in T: no random row-stochastic matrix, and no small move from the result along
+    the simplex, has a higher log-likelihood."""
+    logits, _, given = _world(600, 3, 0.3, "pair", seed=5)
+    q = _softmax(logits / 2.0)
+    t, _ = transition_em(q, given, smoothing=0.0, iterations=5000, tol=1e-12)
+
+    def ll(m):
+        return float(np.log((q * m[:, given].T).sum(1)).sum())
+
+    best = ll(t)
+    rng = np.random.default_rng(6)
+    for _ in range(200):
+        assert ll(rng.dirichlet(np.ones(3), size=3)) <= best + 1e-9
+        step = rng.normal(0, 1e-3, (3, 3))
+        moved = np.clip(t + step - step.mean(1, keepdims=True), 1e-12, None)
+        assert ll(moved / moved.sum(1, keepdims=True)) <= best + 1e-6
+
+
+@pytest.mark.parametrize("kind", ["sym", "pair"])
+@pytest.mark.parametrize("rate", [0.1, 0.4])
+def test_reference_estimator_follows_the_true_share_of_a_calibratable_classifier(kind, rate):
+    """Miscalibrated logits (x2), calibrated on clean reference labels, then EM over T: sym and pair noise alike."""
+    logits, true, given = _world(4000, 10, rate, kind, seed=7)
+    ref_logits, ref_labels, _ = _world(2000, 10, 0.0, kind, seed=8)
+    e = estimate_noise_rate(np.ones(len(given)), given, method="reference", bootstrap=20,
+                            reference=Reference(logits, ref_logits, ref_labels))
+    assert abs(e.rate - float((true != given).mean())) < 0.05, e
+    assert e.low <= e.rate <= e.high and e.identified and e.method == "reference"
+
+
+def test_reference_estimator_says_when_its_classifier_cannot_pin_the_share():
+    """A classifier that knows nothing (constant logits): every T explains the labels equally, EM stays near its
+    start, and the estimate says it is not identified, its interval spanning both starts."""
+    rng = np.random.default_rng(9)
+    given = rng.integers(0, 5, 500)
+    flat = np.zeros((500, 5))
+    e = estimate_noise_rate(np.ones(500), given, method="reference", bootstrap=10,
+                            reference=Reference(flat, np.zeros((100, 5)), rng.integers(0, 5, 100)))
+    assert not e.identified and "NOT IDENTIFIED" in e.text()
+    assert e.low <= min(e.starts) and e.high >= max(e.starts) and abs(e.starts[1] - e.starts[0]) > 0.3
+    with pytest.raises(ValueError, match="needs the classifier's logits"):
+        estimate_noise_rate(np.ones(500), given, method="reference")
 
 
 def test_flags_are_the_lowest_scores_and_exactly_as_many_as_the_share_says():

@@ -36,7 +36,7 @@ from .audit_scores import DEFAULT_ESTIMATOR, DEFAULT_SCORE, SCORE_TEXT, SCORES
 from .config import RunConfig
 from .errors import ConfigError, DataError, TrainingError
 from .io import atomic_write, atomic_write_json, atomic_write_text
-from .noise_estimate import ESTIMATORS, NoiseEstimate, estimate_noise_rate, flag_top
+from .noise_estimate import ESTIMATORS, NoiseEstimate, Reference, estimate_noise_rate, flag_top
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,7 @@ class AuditResult:
     files: dict[str, Path]
     noise_estimate: NoiseEstimate | None = None
     encoded: dict[str, int] | None = None  # image-views encoded: by the audit's own pass, by its fold runs, total
+    estimator_chosen: str = ""  # which estimator sized the flags, and why
 
 
 def fold_assignment(given: np.ndarray, folds: int, seed: int) -> np.ndarray:
@@ -215,16 +216,46 @@ def _fold_logits(run: Path, p: Any, feats: torch.Tensor, learner: int) -> torch.
     return p.backbone.logit_scale * feats @ text.t()
 
 
-def zeroshot_probabilities(cfg: RunConfig, p: Any) -> np.ndarray:
-    """[N, C] class probabilities of every training image under the untuned (zero-shot) prompt: the reference an
-    audit must beat to be worth its tuning."""
+def zeroshot_logits(cfg: RunConfig, p: Any, feats: torch.Tensor | None = None) -> np.ndarray:
+    """[N, C] logits of the untuned (zero-shot) prompt on `feats` (default: every training image, unaugmented):
+    the reference an audit must beat to be worth its tuning, and the classifier the `reference` estimator
+    calibrates (it never saw the labels under audit)."""
     from .train import zeroshot_text_features
 
-    feats = p.train_feats[0]
+    feats = p.train_feats[0] if feats is None else feats
     with torch.no_grad():
         text = zeroshot_text_features(p.backbone, p.train.classnames, cfg.template)
-        logits = p.backbone.logit_scale * feats.float() @ text.to(feats.device).float().t()
-        return torch.softmax(logits.double(), -1).cpu().numpy()
+        return (p.backbone.logit_scale * feats.float() @ text.to(feats.device).float().t()).double().cpu().numpy()
+
+
+def trusted_test_labels(cfg: RunConfig) -> bool:
+    """Whether the test split's labels can serve as clean reference labels: noise injected into the training
+    labels (the test split keeps the dataset's own), test images given apart (--test-data), or a benchmark
+    dataset's own test split. A test split cut from the very table whose labels are audited (--noise given,
+    no --test-data) carries their errors, and is not trusted."""
+    return cfg.noise != "given" or cfg.test_data is not None or cfg.dataset not in ("csv", "folder")
+
+
+def _check_estimator(requested: str, trusted: bool) -> None:
+    if requested == "reference" and not trusted:
+        raise ConfigError("--estimator reference calibrates on the test split's labels, but they come from the "
+                          "labels under audit (--noise given, no --test-data); pass --test-data with clean labels "
+                          "or use --estimator mixture")
+
+
+def choose_estimate(requested: str, estimates: dict[str, NoiseEstimate]) -> tuple[NoiseEstimate, str]:
+    """The estimate that sizes the flags, and why it was chosen: `auto` takes `reference` where it was computed
+    (trusted test labels) and the reference classifier pins the share, else `mixture`."""
+    if requested != "auto":
+        return estimates[requested], f"--estimator {requested}"
+    ref = estimates.get("reference")
+    if ref is None:
+        return estimates["mixture"], ("auto: mixture, as the test labels come from the labels under audit (no clean "
+                                      "reference to calibrate on)")
+    if not ref.identified:
+        return estimates["mixture"], (f"auto: mixture, as the reference estimate is not identified (EM ends at "
+                                      f"{ref.starts[0]:.1%} and {ref.starts[1]:.1%} from two starts)")
+    return ref, "auto: reference (the zero-shot model calibrated on the clean test labels)"
 
 
 def score_labels(given: np.ndarray, probs: np.ndarray, zeroshot: np.ndarray | None = None,
@@ -337,8 +368,8 @@ def audit(cfg: RunConfig, output: str | Path, folds: int = 5, review: bool = Tru
         raise ConfigError(f"--score '{score}' unknown; choose one of: {', '.join(SCORES)}")
     if score == "dual_prompt_clean" and cfg.method != "dualprompt":
         raise ConfigError("--score dual_prompt_clean needs --method dualprompt (the fold runs' negative prompts)")
-    if estimator not in ESTIMATORS:
-        raise ConfigError(f"--estimator '{estimator}' unknown; choose one of: {', '.join(ESTIMATORS)}")
+    if estimator not in ("auto", *ESTIMATORS):
+        raise ConfigError(f"--estimator '{estimator}' unknown; choose one of: auto, {', '.join(ESTIMATORS)}")
     from .train import prepare
 
     cfg = cfg.resolved()
@@ -347,6 +378,8 @@ def audit(cfg: RunConfig, output: str | Path, folds: int = 5, review: bool = Tru
     if get_learner(cfg.learner).module:
         raise ConfigError(f"dspt audit scores held-out images with each fold's class features on cached image "
                           f"features, which learner '{cfg.learner}' does not have; audit with --learner coop or kgcoop")
+    trusted = trusted_test_labels(cfg)
+    _check_estimator(estimator, trusted)
     p = prepare(cfg)  # reads and checks the data before anything is written
     check_folds(p.labels.given, p.train.classnames, folds)
     out = Path(output)
@@ -354,10 +387,16 @@ def audit(cfg: RunConfig, output: str | Path, folds: int = 5, review: bool = Tru
     fit = cross_fit_probabilities(cfg, folds, out, p)
     p, fold, classes = fit.p, fit.fold, p.train.classnames
     given = p.labels.given
-    scores = score_labels(given, fit.probs, zeroshot_probabilities(cfg, p), fit.in_sample, fit.dual_clean)
-    estimates = {m: estimate_noise_rate(scores[score].to_numpy(float), given, fit.probs, method=m, seed=cfg.seed)
-                 for m in ESTIMATORS}
-    estimate = estimates[estimator]
+    zs_logits = zeroshot_logits(cfg, p)
+    scores = score_labels(given, fit.probs, torch.softmax(torch.from_numpy(zs_logits), -1).numpy(), fit.in_sample,
+                          fit.dual_clean)
+    reference = Reference(zs_logits, zeroshot_logits(cfg, p, p.test_feats), np.asarray(p.test.labels)) if trusted else None
+    estimates = {m: estimate_noise_rate(scores[score].to_numpy(float), given, fit.probs, method=m, seed=cfg.seed,
+                                        reference=reference)
+                 for m in ESTIMATORS if m != "reference" or trusted}
+    estimate, chosen_because = choose_estimate(estimator, estimates)
+    if estimator == "auto" and estimate.method != "reference" and trusted:
+        log.warning("%s", chosen_because)
     scores["flagged"] = flag_top(scores[score].to_numpy(float), estimate.rate)
     table = pd.DataFrame({"path": [_as_given(x) for x in p.train.paths],
                           "given": [classes[i] for i in scores["given_idx"]],
@@ -380,7 +419,7 @@ def audit(cfg: RunConfig, output: str | Path, folds: int = 5, review: bool = Tru
     encoded = {"audit": int(sum(p.cache["encoded"].values())), "fold_runs": fit.encoded}
     encoded["total"] = encoded["audit"] + encoded["fold_runs"]
     summary = {"images": len(table), "flagged": int(table["flagged"].sum()), "folds": folds,
-               "ranked_by": score, "noise_estimate": estimate.to_dict(),
+               "ranked_by": score, "noise_estimate": estimate.to_dict(), "estimator_chosen": chosen_because,
                "noise_estimates": {m: e.to_dict() for m, e in estimates.items()},
                "features_encoded": encoded, "config": cfg.to_dict(), "true_labels_known": known,
                "detection": metrics,
@@ -401,4 +440,4 @@ def audit(cfg: RunConfig, output: str | Path, folds: int = 5, review: bool = Tru
             raise DataError(f"{exc}; the audit itself is written to {out}") from None
         files["cleaned_labels.csv"] = out / "cleaned_labels.csv"
         atomic_write_text(files["cleaned_labels.csv"], cleaned.to_csv(index=False))
-    return AuditResult(table, metrics, files, estimate, encoded)
+    return AuditResult(table, metrics, files, estimate, encoded, chosen_because)

@@ -21,7 +21,8 @@ SCORE_TEXT = {
 }
 #: the score that ranks audit.csv and sizes the flags, unless --score says otherwise
 DEFAULT_SCORE = "combined_prob"
-#: how the share of wrong labels, and so the number of flags, is estimated (`dspt.noise_estimate`)
-DEFAULT_ESTIMATOR = "mixture"
+#: how the share of wrong labels, and so the number of flags, is estimated (`dspt.noise_estimate`): "auto" is
+#: `reference` where the test split's labels can be trusted (`dspt.audit.trusted_test_labels`), else `mixture`
+DEFAULT_ESTIMATOR = "auto"
 #: the estimators of the share of wrong labels (`dspt.noise_estimate`)
-ESTIMATORS = ("mixture", "confident_joint")
+ESTIMATORS = ("reference", "mixture", "confident_joint")

@@ -202,7 +202,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     e, enc = res.noise_estimate, res.encoded
     print(f"image features: {enc['total']} image-view(s) encoded ({enc['audit']} by the audit's own pass, "
           f"{enc['fold_runs']} by its fold runs); the rest came from the cache")
-    print(f"{e.text()}\n{len(t)} images, {int(t['flagged'].sum())} flagged (the lowest {args.score}; cleanlab would "
+    print(f"{e.text()}\nestimator: {res.estimator_chosen}\n{len(t)} images, {int(t['flagged'].sum())} flagged (the lowest {args.score}; cleanlab would "
           f"flag {int(t['cleanlab_flagged'].sum())}); most suspicious first:")
     cols = ["rank", "path", "given", "suggested", args.score, "flagged"]
     print(t[list(dict.fromkeys(cols))].head(args.show).to_string(index=False, float_format=lambda x: f"{x:.3f}"))
@@ -556,9 +556,13 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--score", choices=AUDIT_SCORE_NAMES, default=AUDIT_DEFAULT_SCORE,
                            help=f"the score that ranks the images and picks the flags (default {AUDIT_DEFAULT_SCORE}; "
                                 "docs/audit.md compares them)")
-            p.add_argument("--estimator", choices=AUDIT_ESTIMATORS, default=AUDIT_DEFAULT_ESTIMATOR,
-                           help="how the share of wrong labels, and so the number of flags, is estimated (default "
-                                f"{AUDIT_DEFAULT_ESTIMATOR}; printed with a bootstrap interval)")
+            p.add_argument("--estimator", choices=["auto", *AUDIT_ESTIMATORS], default=AUDIT_DEFAULT_ESTIMATOR,
+                           help="how the share of wrong labels, and so the number of flags, is estimated: reference "
+                                "(the zero-shot model calibrated on the clean test labels, then the noise transition "
+                                "fitted by EM), mixture (a 2-Gaussian mixture on the score) or confident_joint "
+                                f"(cleanlab); default {AUDIT_DEFAULT_ESTIMATOR}: reference where the test labels are "
+                                "not the audited ones (injected noise, --test-data, a benchmark's test split), "
+                                "else mixture; printed with a bootstrap interval")
             p.description = ("Scores every training image out of sample (K-fold cross-fitting): the probability of "
                              "the given label, cleanlab's label quality, the zero-shot model's probability and an "
                              "in-sample average; estimates the share of wrong labels (with an interval) and flags "
