@@ -192,3 +192,30 @@ def test_a_missing_input_names_the_file_and_the_fix(tmp_path, capsys, missing):
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith("error: ") and missing in err
     assert not (tmp_path / "out").exists()
+
+
+def test_the_shifted_case_swaps_red_and_blue_of_the_tuning_and_test_images_only(built):
+    """--shift bgr: every pool and test image is the archive's JPEG decoded, its channels reversed, stored as
+    PNG (lossless); the pretraining images are the archive's bytes; the case has its own folder."""
+    case, shared, _, root = built
+    shifted = case_mod.build_case(shared, root / "out", seed=3, pretrain_epochs=1, cache_dir=root / "cache",
+                                  progress=False, zeroshot=False, shift="bgr", **SIZES)
+    assert shifted["root"] != case["root"] and shifted["settings"]["shift"] == "bgr"
+    assert "shift of the tuning and test images: bgr" in case_mod.describe(shifted)
+    with tarfile.open(shared / "cifar10_jpeg.tar.gz", "r:gz") as tar:
+        archive = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
+    with open(shifted["root"] / "splits.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    for r in rows:
+        p = shifted["root"] / r["path"]
+        split = "test" if r["part"] == "test" else "train"
+        source = archive[f"cifar10_jpeg/{split}/{p.parent.name}/{p.stem}.jpg"]
+        if r["part"] == "pretrain":
+            assert p.suffix == ".jpg" and p.read_bytes() == source
+        else:
+            original = np.asarray(Image.open(io.BytesIO(source)).convert("RGB"))
+            assert p.suffix == ".png" and np.array_equal(np.asarray(Image.open(p)), original[:, :, ::-1])
+    table = _table(Path(shifted["tables"]["dev"]["clean"]))
+    assert all(r["path"].endswith(".png") and Path(r["path"]).is_file() for r in table)
+    with pytest.raises(DataError, match="shift 'sepia' unknown; choose one of: none, bgr"):
+        case_mod.build_case(shared, root / "out", shift="sepia", **SIZES)
