@@ -258,10 +258,13 @@ def test_the_estimator_is_chosen_by_what_the_test_labels_and_the_zero_shot_model
     assert not ref["identified"] and summary["noise_estimate"]["method"] == "mixture"
     assert "not identified" in summary["estimator_chosen"] and res.noise_estimate.method == "mixture"
     # an identified reference estimate is taken; without clean test labels there is none, and mixture sizes the flags
-    good = NoiseEstimate(0.3, 0.25, 0.35, "reference", 60, starts=(0.30, 0.31))
+    good = NoiseEstimate(0.3, 0.25, 0.35, "reference", 60, starts=(0.30, 0.31), clean_reading=0.05)
+    weak = NoiseEstimate(0.3, 0.25, 0.35, "reference", 60, starts=(0.30, 0.31), clean_reading=0.4)
     mix = NoiseEstimate(0.2, 0.1, 0.3, "mixture", 60)
     assert choose_estimate("auto", {"reference": good, "mixture": mix})[0] is good
     assert choose_estimate("auto", {"mixture": mix})[0] is mix
+    chosen, why = choose_estimate("auto", {"reference": weak, "mixture": mix})
+    assert chosen is mix and "reads 40.0% wrong among the clean test labels" in why
     assert choose_estimate("mixture", {"reference": good, "mixture": mix})[0] is mix
     # which test labels are trusted
     given_csv = RunConfig(data="x.csv", dataset="csv", noise="given")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dspt.noise_estimate import Reference, estimate_noise_rate, fit_temperature, flag_top, transition_em
+from dspt.noise_estimate import (Reference, clean_reading, estimate_noise_rate, fit_temperature, flag_top,
+                                 transition_em)
 
 
 def _scores(n: int, rate: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -109,7 +110,29 @@ def test_reference_estimator_follows_the_true_share_of_a_calibratable_classifier
     e = estimate_noise_rate(np.ones(len(given)), given, method="reference", bootstrap=20,
                             reference=Reference(logits, ref_logits, ref_labels))
     assert abs(e.rate - float((true != given).mean())) < 0.05, e
-    assert e.low <= e.rate <= e.high and e.identified and e.method == "reference"
+    assert e.low <= e.rate <= e.high and e.identified and e.reliable and e.method == "reference"
+
+
+def test_the_clean_reading_tells_a_calibratable_classifier_from_a_confidently_wrong_one():
+    """What `reference` reads among right labels: small for a classifier one temperature calibrates, large for one
+    that is confidently wrong on half the images (the second: the same logits, true and another class's logit
+    swapped on a seeded half); an estimate reading above CLEAN_READING is not reliable."""
+    from dspt.noise_estimate import CLEAN_READING
+
+    logits, true, _ = _world(2000, 10, 0.0, "sym", seed=8)
+    good = clean_reading(logits, true)
+    rng = np.random.default_rng(1)
+    rows = np.arange(len(true))
+    other = (true + rng.integers(1, 10, len(true))) % 10
+    swap = rng.random(len(true)) < 0.5
+    bad_logits = logits * 1.5
+    a, b = bad_logits[rows, true].copy(), bad_logits[rows, other].copy()
+    bad_logits[rows[swap], true[swap]], bad_logits[rows[swap], other[swap]] = b[swap], a[swap]
+    bad = clean_reading(bad_logits, true)
+    assert good < 0.1 < CLEAN_READING < 0.2 < bad, (good, bad)
+    e = estimate_noise_rate(np.ones(len(true)), true, method="reference", bootstrap=5,
+                            reference=Reference(bad_logits, bad_logits, true))
+    assert e.clean_reading == bad and e.identified and not e.reliable and "UNRELIABLE" in e.text()
 
 
 def test_reference_estimator_says_when_its_classifier_cannot_pin_the_share():

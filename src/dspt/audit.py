@@ -255,7 +255,12 @@ def choose_estimate(requested: str, estimates: dict[str, NoiseEstimate]) -> tupl
     if not ref.identified:
         return estimates["mixture"], (f"auto: mixture, as the reference estimate is not identified (EM ends at "
                                       f"{ref.starts[0]:.1%} and {ref.starts[1]:.1%} from two starts)")
-    return ref, "auto: reference (the zero-shot model calibrated on the clean test labels)"
+    if not ref.reliable:
+        return estimates["mixture"], (f"auto: mixture, as the reference estimator reads {ref.clean_reading:.1%} wrong "
+                                      "among the clean test labels (more than 15 %: the zero-shot model is too weak "
+                                      "or miscalibrated here); neither figure is a measurement of the noise")
+    return ref, (f"auto: reference (the zero-shot model calibrated on the clean test labels; it reads "
+                 f"{ref.clean_reading:.1%} wrong among them)")
 
 
 def score_labels(given: np.ndarray, probs: np.ndarray, zeroshot: np.ndarray | None = None,
