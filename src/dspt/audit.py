@@ -259,8 +259,8 @@ def choose_estimate(requested: str, estimates: dict[str, NoiseEstimate]) -> tupl
         return estimates["mixture"], (f"auto: mixture, as the reference estimator reads {ref.clean_reading:.1%} wrong "
                                       "among the clean test labels (more than 15 %: the zero-shot model is too weak "
                                       "or miscalibrated here); neither figure is a measurement of the noise")
-    return ref, (f"auto: reference (the zero-shot model calibrated on the clean test labels; it reads "
-                 f"{ref.clean_reading:.1%} wrong among them)")
+    reading = "" if ref.clean_reading is None else f"; it reads {ref.clean_reading:.1%} wrong among them"
+    return ref, f"auto: reference (the zero-shot model calibrated on the clean test labels{reading})"
 
 
 def score_labels(given: np.ndarray, probs: np.ndarray, zeroshot: np.ndarray | None = None,
