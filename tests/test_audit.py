@@ -277,3 +277,33 @@ def test_the_estimator_is_chosen_by_what_the_test_labels_and_the_zero_shot_model
         audit(_cfg(labels, tmp_path / "cache", dataset="csv", noise="given", noise_rate=0.0), tmp_path / "a",
               folds=2, estimator="reference")
     assert not (tmp_path / "a").exists()  # refused before anything is written
+
+
+def test_a_given_flag_rate_sizes_the_flags_and_the_estimates_stay_beside_it(data, tmp_path, caplog):
+    """--flag-rate R flags round(R * N) of the lowest scores (a spot check's rate or a review budget), records that
+    it did, and keeps every estimate in audit.json; a rate outside [0, 1) is refused in one line before anything
+    is written. --apply on flags counted by an estimate that is not a measurement (the mixture here) warns."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="dspt.audit"):
+        res = audit(_cfg(data, tmp_path / "cache", epochs=1), tmp_path / "audit", folds=2, review=False, apply="relabel")
+    assert any("not a measurement of the noise" in r.getMessage() for r in caplog.records)
+    res = audit(_cfg(data, tmp_path / "cache", epochs=1), tmp_path / "audit", folds=2, review=False,
+                flag_rate=0.25, apply="relabel")
+    summary = json.loads((tmp_path / "audit" / "audit.json").read_text())
+    assert int(res.table["flagged"].sum()) == summary["flagged"] == 15  # 0.25 x 60
+    assert summary["flag_rate"] == 0.25 and summary["estimator_chosen"].startswith("--flag-rate 0.25")
+    assert set(summary["noise_estimates"]) == {"reference", "mixture", "confident_joint"}
+    lowest = res.table.sort_values("combined_prob", kind="stable")["path"][:15]
+    assert set(lowest) == set(res.table.loc[res.table["flagged"], "path"])
+    cleaned = pd.read_csv(tmp_path / "audit" / "cleaned_labels.csv").set_index("path")["label"]
+    flagged = res.table.set_index("path")
+    assert len(cleaned) == 60 and (cleaned[flagged.index[flagged["flagged"]]] ==
+                                   flagged.loc[flagged["flagged"], "suggested"]).all()
+    for bad in ("1.0", "-0.1", "nan"):
+        code, _, err = run_cli(["audit", "--data", str(data), "--model", "dspt-tiny", "--pretrained", "none",
+                                "--shots", "all", "--views", "1", "--device", "cpu", "--cache-dir", str(tmp_path / "c"),
+                                "--folds", "2", "--flag-rate", bad, "-o", str(tmp_path / "refused"), "--no-progress"])
+        errors = [line for line in err.splitlines() if line.startswith("dspt: error:")]
+        assert code == 2 and len(errors) == 1 and "--flag-rate" in errors[0] and "[0, 1)" in errors[0], err
+    assert not (tmp_path / "refused").exists()

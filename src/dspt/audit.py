@@ -363,10 +363,12 @@ APPLY = ("drop", "relabel")
 
 
 def audit(cfg: RunConfig, output: str | Path, folds: int = 5, review: bool = True, apply: str | None = None,
-          score: str = DEFAULT_SCORE, estimator: str = DEFAULT_ESTIMATOR) -> AuditResult:
+          score: str = DEFAULT_SCORE, estimator: str = DEFAULT_ESTIMATOR, flag_rate: float | None = None,
+          ) -> AuditResult:
     """Cross-fit, score, and write the audit of `cfg`'s training images into `output`, ranked by `score`; as many
-    images are flagged as the estimated share of wrong labels (`estimator`) says. `apply` ("drop" or "relabel")
-    also writes cleaned_labels.csv (`apply_flags`)."""
+    images are flagged as the estimated share of wrong labels (`estimator`) says, or `flag_rate` of them where the
+    user knows better (a spot check, a review budget). `apply` ("drop" or "relabel") also writes
+    cleaned_labels.csv (`apply_flags`)."""
     if apply is not None and apply not in APPLY:
         raise ConfigError(f"--apply '{apply}' unknown; choose one of: {', '.join(APPLY)}")
     if score not in SCORES:
@@ -375,6 +377,8 @@ def audit(cfg: RunConfig, output: str | Path, folds: int = 5, review: bool = Tru
         raise ConfigError("--score dual_prompt_clean needs --method dualprompt (the fold runs' negative prompts)")
     if estimator not in ("auto", *ESTIMATORS):
         raise ConfigError(f"--estimator '{estimator}' unknown; choose one of: auto, {', '.join(ESTIMATORS)}")
+    if flag_rate is not None and not 0 <= flag_rate < 1:
+        raise ConfigError(f"--flag-rate {flag_rate:g} is outside [0, 1); give the share of images to flag, e.g. 0.1")
     from .train import prepare
 
     cfg = cfg.resolved()
@@ -400,9 +404,17 @@ def audit(cfg: RunConfig, output: str | Path, folds: int = 5, review: bool = Tru
                                         reference=reference)
                  for m in ESTIMATORS if m != "reference" or trusted}
     estimate, chosen_because = choose_estimate(estimator, estimates)
-    if estimator == "auto" and estimate.method != "reference" and trusted:
+    measured = estimate.method == "reference" and estimate.identified and estimate.reliable
+    if flag_rate is not None:
+        chosen_because = (f"--flag-rate {flag_rate:g}: the share to flag was given (the {estimate.method} estimate "
+                          "is reported beside it)")
+    elif estimator == "auto" and estimate.method != "reference" and trusted:
         log.warning("%s", chosen_because)
-    scores["flagged"] = flag_top(scores[score].to_numpy(float), estimate.rate)
+    scores["flagged"] = flag_top(scores[score].to_numpy(float), estimate.rate if flag_rate is None else flag_rate)
+    if apply is not None and flag_rate is None and not measured:
+        log.warning("--apply %s acts on flags counted by the %s estimate, which is not a measurement of the noise "
+                    "here; check the flags on review.html, or give --flag-rate from a spot check of some labels",
+                    apply, estimate.method)
     table = pd.DataFrame({"path": [_as_given(x) for x in p.train.paths],
                           "given": [classes[i] for i in scores["given_idx"]],
                           "suggested": [classes[i] for i in scores["suggested_idx"]], "fold": fold})
@@ -425,11 +437,13 @@ def audit(cfg: RunConfig, output: str | Path, folds: int = 5, review: bool = Tru
     encoded["total"] = encoded["audit"] + encoded["fold_runs"]
     summary = {"images": len(table), "flagged": int(table["flagged"].sum()), "folds": folds,
                "ranked_by": score, "noise_estimate": estimate.to_dict(), "estimator_chosen": chosen_because,
+               "flag_rate": flag_rate,
                "noise_estimates": {m: e.to_dict() for m, e in estimates.items()},
                "features_encoded": encoded, "config": cfg.to_dict(), "true_labels_known": known,
                "detection": metrics,
-               "scores": SCORE_TEXT | {"flagged": f"the {int(table['flagged'].sum())} lowest {score}: as many as the "
-                                                  f"estimated share of wrong labels ({estimate.method}) says",
+               "scores": SCORE_TEXT | {"flagged": f"the {int(table['flagged'].sum())} lowest {score}: " + (
+                                           f"as many as the estimated share of wrong labels ({estimate.method}) says"
+                                           if flag_rate is None else f"{flag_rate:g} of the images (--flag-rate)"),
                                        "cleanlab_flagged": "cleanlab find_label_issues (confident learning, "
                                                            "prune_by_noise_rate), for comparison"}}
     files["audit.json"] = out / "audit.json"

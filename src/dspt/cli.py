@@ -197,7 +197,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
         cfg.output = None
         out = Path(args.output or "dspt_audit")
     res = audit(cfg, out, folds=args.folds, review=not args.no_review, apply=args.apply, score=args.score,
-                estimator=args.estimator)
+                estimator=args.estimator, flag_rate=args.flag_rate)
     t = res.table
     e, enc = res.noise_estimate, res.encoded
     print(f"image features: {enc['total']} image-view(s) encoded ({enc['audit']} by the audit's own pass, "
@@ -563,6 +563,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 f"(cleanlab); default {AUDIT_DEFAULT_ESTIMATOR}: reference where the test labels are "
                                 "not the audited ones (injected noise, --test-data, a benchmark's test split), "
                                 "else mixture; printed with a bootstrap interval")
+            p.add_argument("--flag-rate", type=float, default=None,
+                           help="flag this share of the images instead of the estimated one (a spot check's error "
+                                "rate, or a review budget); the estimates are still reported")
             p.description = ("Scores every training image out of sample (K-fold cross-fitting): the probability of "
                              "the given label, cleanlab's label quality, the zero-shot model's probability and an "
                              "in-sample average; estimates the share of wrong labels (with an interval) and flags "
